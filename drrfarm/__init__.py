@@ -1,0 +1,34 @@
+"""drrfarm: physically realistic DRR datasets from CT scans, rendered on a Ray farm."""
+
+from __future__ import annotations
+
+from drrfarm.errors import (
+    BackendError,
+    DrrfarmError,
+    GeometryError,
+    MaterialError,
+    PhysicsError,
+    SampleDataError,
+    SpecError,
+    SpectrumError,
+    StorageError,
+    TrackingError,
+    VolumeError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "DrrfarmError",
+    "GeometryError",
+    "MaterialError",
+    "PhysicsError",
+    "SampleDataError",
+    "SpecError",
+    "SpectrumError",
+    "StorageError",
+    "TrackingError",
+    "VolumeError",
+    "__version__",
+]

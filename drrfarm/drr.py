@@ -1,0 +1,119 @@
+"""One DRR from one CT: the path behind ``drrfarm render`` (load → materials → place → render).
+
+The farm does the same per shard with cached volumes; this is the single-image convenience path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import drrfarm
+from drrfarm.errors import DrrfarmError, GeometryError
+from drrfarm.physics import Physics, quantize_uint16
+
+#: Default detector: DeepDRR's C-arm panel (1536 px × 0.194 mm ≈ 298 mm) sampled at 512 px.
+DEFAULT_SIZE_PX = 512
+DEFAULT_PIXEL_MM = 1536 * 0.194 / DEFAULT_SIZE_PX
+
+
+@dataclass
+class DrrRequest:
+    """Everything ``drrfarm render`` needs (CLI flags map one to one)."""
+
+    ct: str
+    alpha_deg: float = 0.0
+    beta_deg: float = 0.0
+    gamma_deg: float = 0.0
+    spectrum: str | dict[str, Any] = "90KV_AL40"
+    labels: str | None = None
+    label_table: str | None = None
+    size_px: int = DEFAULT_SIZE_PX
+    pixel_mm: float = DEFAULT_PIXEL_MM
+    sdd_mm: float = 1020.0
+    sid_mm: float = 530.0
+    orientation: str = "HFS"
+    backend: str = "auto"
+    seed: int = 0
+    physics: Physics = field(default_factory=Physics)
+
+
+def render_drr(req: DrrRequest) -> tuple[np.ndarray, dict[str, Any]]:
+    """Render one DRR: returns ``(image (H, W) float32, sidecar metadata dict)``."""
+    from drrfarm.geometry import CArm, world_from_patient_default
+    from drrfarm.render import get_backend
+    from drrfarm.spectrum import get_spectrum
+    from drrfarm.volume import load_volume, segment_by_labels, segment_by_thresholds
+
+    if req.size_px <= 0:
+        raise GeometryError(f"size: must be a positive number of pixels, got {req.size_px}")
+    spectrum = get_spectrum(req.spectrum)
+    volume = load_volume(req.ct)
+    if req.labels:
+        if not req.label_table:
+            raise DrrfarmError("label-table: --labels needs --label-table (CSV with columns label,material)")
+        materials = segment_by_labels(volume, req.labels, req.label_table)
+    else:
+        materials = segment_by_thresholds(volume)
+    world_from_patient = world_from_patient_default(volume.centre_patient_mm(), orientation=req.orientation)
+    carm = CArm(sdd_mm=req.sdd_mm, sid_mm=req.sid_mm, height=req.size_px, width=req.size_px,
+                pixel_mm=req.pixel_mm)
+    camera = carm.camera(alpha_deg=req.alpha_deg, beta_deg=req.beta_deg, gamma_deg=req.gamma_deg)
+    backend = get_backend(req.backend)
+    handle = backend.prepare(materials, world_from_patient)
+    image = backend.render(handle, [camera], spectrum, req.physics, [req.seed])[0]
+    sidecar = {
+        "drrfarm_version": drrfarm.__version__,
+        "ct": volume.source,
+        "ct_sha256": volume.sha256,
+        **camera.to_dict(),
+        "patient_frame": "RAS",
+        "world_from_patient": np.asarray(world_from_patient).tolist(),
+        "carm": {"alpha_deg": req.alpha_deg, "beta_deg": req.beta_deg, "gamma_deg": req.gamma_deg,
+                 "sdd_mm": req.sdd_mm, "sid_mm": req.sid_mm, "orientation": req.orientation},
+        "materials": list(materials.material_names),
+        "spectrum": {"name": spectrum.name, "kvp": spectrum.kvp, "al_mm": spectrum.al_mm, "cu_mm": spectrum.cu_mm,
+                     "mean_energy_kev": float(spectrum.mean_energy_kev)},
+        "physics": req.physics.to_dict(),
+        "backend": backend.name,
+        "seed": req.seed,
+    }
+    return image, sidecar
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_drr(image: np.ndarray, sidecar: dict[str, Any], out_png: str | Path, npy: bool = False) -> list[Path]:
+    """Write ``out.png`` (16-bit, ``value × image_scale`` = output), ``out.json`` and optionally ``out.npy``."""
+    from drrfarm.sinks.png import encode_png16
+
+    out_png = Path(out_png)
+    quantised, scale = quantize_uint16(image, sidecar["physics"]["output"])
+    sidecar = {**sidecar, "image_scale": scale, "image_dtype": "uint16"}
+    written = [out_png, out_png.with_suffix(".json")]
+    _atomic_write(out_png, encode_png16(quantised))
+    _atomic_write(written[1], json.dumps(sidecar, indent=2).encode())
+    if npy:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, image.astype(np.float32))
+        written.append(out_png.with_suffix(".npy"))
+        _atomic_write(written[2], buf.getvalue())
+    return written
