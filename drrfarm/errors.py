@@ -38,6 +38,14 @@ class SampleDataError(DrrfarmError):
     """The sample CT cannot be fetched or fails its checksum."""
 
 
+class MeshError(DrrfarmError):
+    """A mesh (tool/implant) cannot be read, is not watertight, or has a bad material or pose."""
+
+
+class LandmarkError(DrrfarmError):
+    """A landmark file or point list cannot be read; the message names the file or field."""
+
+
 class SpecError(DrrfarmError):
     """A sweep spec is invalid; the message names the file, the key path and the reason."""
 
