@@ -1,0 +1,687 @@
+"""The CUDA backend: the reference renderer's fast twin (pycuda, layered texture objects).
+
+What runs on the GPU, per pixel of every image of a batch (``kernels/drr.cu``): ray set-up from
+K, R, t in float64; clipping to the volume's box and to the detector (never marching from the
+source); per-material line integrals by Joseph slice stepping or the uniform trilinear march, at
+the same sample points as :mod:`drrfarm.render.reference`; the polyenergetic detector model of
+:mod:`drrfarm.physics` (tables per image, so one launch may mix spectra); cos³ fall-off; Poisson and
+Gaussian noise from a Philox4x32-10 stream keyed by the image's seed; the output transform; and
+the cast to float32, float16 or uint16 (``physics.UINT16_SCALE``). By default these run as three
+kernels (ray records in float64 → a sample march with ≤ 32 registers, so that enough warps hide the
+texture latency → detector/noise/output); ``fused=True`` runs them as one kernel (same results).
+
+Volumes are uploaded once per content key (:func:`drrfarm.render.cpu.volume_key`) into layered 2D
+textures of half floats, one *layout* per slice axis, built on demand: 2 bytes per channel per voxel
+per layout, the channels being 1 (one material), 2, or 4 (three or four materials; two textures of
+4 for five to eight). A 512×512×600 CT with 3 materials takes 1.26 GB per layout and 3.77 GB with all
+three layouts resident (≤ 4 GB). Layouts are kept in an LRU (:class:`drrfarm.render.gpu_cache.ResidentCache`)
+bounded by ``memory_budget_bytes``. Per stream, the split pipeline also keeps scratch of 48 B (ray
+record) + 4·M B (line integrals) per pixel of a chunk of at most 16 M pixels (≈ 0.96 GB for M = 3).
+
+Context: the device's *primary* context (``retain_primary_context``), pushed around every call and
+popped after, so PyTorch (which uses the same primary context) and drrfarm share a process in any
+import order. Kernels come from :mod:`drrfarm.render.cuda_build` (disk cache, prebuilt fat binary,
+nvcc or NVRTC).
+
+Results: :meth:`CudaBackend.render_async` returns a :class:`RenderJob` whose ``images`` stay on the
+GPU (``__cuda_array_interface__``: ``torch.as_tensor(job.images, device="cuda")`` shares the memory;
+:meth:`RenderJob.torch` does that after waiting) and, optionally, are copied asynchronously on the
+job's stream into pinned host memory, so rendering overlaps encoding and writing.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pycuda.driver as drv
+
+from drrfarm import physics as phys
+from drrfarm.errors import BackendError, PhysicsError
+from drrfarm.render import cuda_driver as cd
+from drrfarm.render import reference
+from drrfarm.render.cpu import spacing_of, volume_key
+from drrfarm.render.cuda_build import load_kernel_image
+from drrfarm.render.cuda_plan import (
+    CAM_STRIDE,
+    INFO_STRIDE,
+    bytes_per_voxel,
+    channels_for,
+    layout_dims,
+    plan_batch,
+    tables_block,
+)
+from drrfarm.render.gpu_cache import ResidentCache
+
+OUTPUT_CODES = {"line_integral": 0, "transmission": 1, "intensity": 2, "neglog": 3}
+DTYPE_CODES = {"float32": 0, "float16": 1, "uint16": 2}
+SPLIT_CHUNK_PIXELS = 16 << 20  # pixels per chunk of the split pipeline (48 B of ray record each)
+SCRATCH_STREAMS = 4  # streams whose scratch buffers are kept
+BLOCK = (16, 16)
+
+_PARAMS_DTYPE = np.dtype([
+    ("cams", "<u8"), ("info", "<u8"), ("tables", "<u8"), ("out", "<u8"), ("scratch", "<u8"), ("minmax", "<u8"),
+    ("lint", "<u8"), ("rays", "<u8"), ("tex", "<u8", (6,)), ("texp", "<u8", (6,)),
+    ("nI", "<i4"), ("nJ", "<i4"), ("nK", "<i4"), ("M", "<i4"),
+    ("H", "<i4"), ("W", "<i4"), ("B", "<i4"), ("tstride", "<i4"),
+    ("nbmax", "<i4"), ("mode", "<i4"), ("output", "<i4"), ("out_dtype", "<i4"),
+    ("scale", "<f4"), ("photons", "<f4"), ("sigma_e", "<f4"), ("tau_min", "<f4"),
+    ("solid_angle", "<i4"), ("pad0", "<i4"), ("pad1", "<i4"), ("pad2", "<i4"),
+])
+assert _PARAMS_DTYPE.itemsize == 240
+
+
+# ------------------------------------------------------------------------------------ device objects
+
+class DeviceImages:
+    """A C-contiguous image buffer on the GPU, usable from PyTorch without a copy.
+
+    ``torch.as_tensor(images, device="cuda")`` (``__cuda_array_interface__``) shares the memory;
+    the buffer lives while this object (or a tensor made from it) does.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, device_index: int, alloc: Any = None,
+                 ptr: int | None = None, owner: Any = None) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.device_index = device_index
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self._alloc = alloc if alloc is not None else (drv.mem_alloc(max(self.nbytes, 1)) if ptr is None else None)
+        self.ptr = int(self._alloc) if self._alloc is not None else int(ptr or 0)
+        self._owner = owner
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:  # noqa: N802
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False), "version": 3,
+                "strides": None, "stream": None}
+
+    def torch(self) -> Any:
+        """A torch tensor sharing this buffer (no copy)."""
+        import torch
+
+        return torch.as_tensor(self, device=f"cuda:{self.device_index}")
+
+    def to_numpy(self) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        drv.memcpy_dtoh(out, self.ptr)
+        return out
+
+
+def _wrap_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, device_index: int) -> DeviceImages:
+    if isinstance(out, DeviceImages):
+        img = out
+    else:
+        cai = getattr(out, "__cuda_array_interface__", None)
+        if cai is None:
+            raise BackendError("out: expected DeviceImages or a CUDA array (e.g. a torch CUDA tensor)")
+        strides = cai.get("strides")
+        contiguous = strides is None or tuple(strides) == tuple(
+            int(np.prod(cai["shape"][i + 1:])) * np.dtype(cai["typestr"]).itemsize for i in range(len(cai["shape"])))
+        if not contiguous:
+            raise BackendError("out: the output array must be C-contiguous")
+        img = DeviceImages(tuple(cai["shape"]), np.dtype(cai["typestr"]), device_index, ptr=int(cai["data"][0]),
+                           owner=out)
+    if img.shape != tuple(shape) or img.dtype != dtype:
+        raise BackendError(f"out: expected shape {tuple(shape)} and dtype {dtype}, got {img.shape} {img.dtype}")
+    return img
+
+
+class RenderJob:
+    """A batch in flight: ``images`` on the GPU, ``host`` (pinned) once :meth:`wait` returns."""
+
+    def __init__(self, gpu: _Gpu, images: DeviceImages, host: np.ndarray | None, event: Any, scale: float | None,
+                 keep: list[Any]) -> None:
+        self._gpu = gpu
+        self.images = images
+        self.host = host
+        self.event = event
+        self.scale = scale
+        self._keep = keep
+
+    def done(self) -> bool:
+        with self._gpu.context():
+            return bool(self.event.query())
+
+    def wait(self) -> np.ndarray | None:
+        """Block until the render (and the copy to host, if any) finished; returns ``host``."""
+        with self._gpu.context():
+            self.event.synchronize()
+        self._keep = []
+        return self.host
+
+    def torch(self) -> Any:
+        """Wait, then the images as a torch CUDA tensor sharing the GPU buffer (no copy)."""
+        self.wait()
+        return self.images.torch()
+
+
+class _Staging:
+    """Reusable pinned-host + device buffers for per-launch parameters (reused once their event passed)."""
+
+    def __init__(self) -> None:
+        self._slots: list[list[Any]] = []  # [nbytes, host, dev, event]
+
+    def acquire(self, nbytes: int) -> list[Any]:
+        for slot in self._slots:
+            if slot[0] >= nbytes and (slot[3] is None or slot[3].query()):
+                slot[3] = None
+                return slot
+        size = max(4096, 1 << (int(nbytes) - 1).bit_length())
+        slot = [size, drv.pagelocked_empty(size, np.uint8), drv.mem_alloc(size), None]
+        self._slots.append(slot)
+        return slot
+
+
+class _Gpu:
+    """One GPU: its retained primary context and the loaded kernel modules."""
+
+    _registry: dict[int, _Gpu] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def get(cls, index: int) -> _Gpu:
+        with cls._registry_lock:
+            gpu = cls._registry.get(index)
+            if gpu is None:
+                gpu = cls._registry[index] = cls(index)
+            return gpu
+
+    def __init__(self, index: int) -> None:
+        drv.init()
+        count = drv.Device.count()
+        if not 0 <= index < count:
+            raise BackendError(f"device: GPU index {index} out of range (this machine has {count} CUDA device(s))")
+        self.index = index
+        self.device = drv.Device(index)
+        self.name = self.device.name()
+        major, minor = self.device.compute_capability()
+        self.arch = f"sm_{major}{minor}"
+        self.primary = self.device.retain_primary_context()
+        self.lock = threading.RLock()
+        self._modules: dict[tuple, tuple[Any, str]] = {}
+
+    @contextmanager
+    def context(self):  # noqa: ANN201
+        self.primary.push()
+        try:
+            yield self
+        finally:
+            drv.Context.pop()
+
+    def module(self, defines: dict[str, int] | None = None) -> tuple[Any, str]:
+        key = tuple(sorted((defines or {}).items()))
+        if key not in self._modules:
+            image, how = load_kernel_image("drr.cu", self.arch, dict(defines or {}))
+            with self.context():
+                self._modules[key] = (drv.module_from_buffer(image), how)
+        return self._modules[key]
+
+
+# ------------------------------------------------------------------------------------ resident volumes
+
+@dataclass
+class _Layout:
+    axis: int
+    arrays: list[int]
+    tex_linear: list[int]
+    tex_point: list[int]
+    nbytes: int
+
+    def free(self) -> None:
+        for h in self.tex_linear + self.tex_point:
+            cd.destroy_texture_object(h)
+        for a in self.arrays:
+            cd.destroy_array(a)
+        self.arrays, self.tex_linear, self.tex_point = [], [], []
+
+
+class CudaVolume:
+    """A prepared volume: its layouts on the GPU and what is needed to build more."""
+
+    def __init__(self, key: str, gpu: _Gpu, densities: np.ndarray, world_from_ijk: np.ndarray,
+                 material_names: list[str]) -> None:
+        self.key = key
+        self._gpu = gpu
+        self.densities = densities  # host (M, I, J, K) float32, kept to build further layouts
+        self.world_from_ijk = np.asarray(world_from_ijk, dtype=np.float64)
+        self.ijk_from_world = reference.ijk_from_world(self.world_from_ijk)
+        self.spacing_mm = spacing_of(self.world_from_ijk)
+        self.material_names = list(material_names)
+        self.shape: tuple[int, int, int] = tuple(int(n) for n in densities.shape[1:])  # type: ignore[assignment]
+        self.n_materials = int(densities.shape[0])
+        self.channels, self.n_textures = channels_for(self.n_materials)
+        self.layouts: dict[int, _Layout] = {}
+
+    @property
+    def layout_nbytes(self) -> int:
+        return int(np.prod(self.shape)) * bytes_per_voxel(self.n_materials)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(lay.nbytes for lay in self.layouts.values())
+
+    def release_layout(self, axis: int) -> None:
+        lay = self.layouts.pop(axis, None)
+        if lay is not None:
+            with self._gpu.context():
+                lay.free()
+
+    def release(self) -> None:
+        for axis in list(self.layouts):
+            self.release_layout(axis)
+
+
+# ------------------------------------------------------------------------------------ the backend
+
+class CudaBackend:
+    """Renderer on one NVIDIA GPU (chosen by ``device`` index) through pycuda.
+
+    ``memory_budget_bytes``: bound of the resident volume layouts (default half the GPU's memory).
+    ``exact_interpolation``: bilinear weights in fp32 from four point fetches instead of the texture
+    unit's 8-bit filter weights (4x the fetches; matches the reference per material to fp16 storage
+    precision). ``joseph_layouts=False``: keep one layout per volume (the principal rays' axis) and
+    sample rays dominant along another axis trilinearly from it (same points, two fetches per slice).
+    ``fused``: one kernel from camera to stored pixel; ``False`` (default, faster): three kernels,
+    ray set-up (float64) -> sample march (few registers, so more warps hide texture latency) ->
+    detector/noise/output, through per-stream scratch (48 B of ray record and 4·M B of line
+    integrals per pixel, in chunks of ``SPLIT_CHUNK_PIXELS``).
+    ``defines``/``block``: kernel build options and the thread block (for tuning).
+    """
+
+    name = "cuda"
+
+    def __init__(self, device: int = 0, memory_budget_bytes: int | None = None, exact_interpolation: bool = False,
+                 defines: dict[str, int] | None = None, block: tuple[int, int] = BLOCK,
+                 joseph_layouts: bool = True, fused: bool = False) -> None:
+        self._gpu = _Gpu.get(int(device))
+        self.device_index = int(device)
+        self.exact_interpolation = bool(exact_interpolation)
+        self.joseph_layouts = bool(joseph_layouts)
+        self.fused = bool(fused)
+        self.defines = dict(defines or {})
+        self.block = (int(block[0]), int(block[1]), 1)
+        with self._gpu.context():
+            free, total = drv.mem_get_info()
+        self.memory_budget_bytes = int(memory_budget_bytes) if memory_budget_bytes else int(0.5 * total)
+        self._cache = ResidentCache(self.memory_budget_bytes)
+        module, how = self._gpu.module(self.defines)
+        self._module = module
+        self.kernel_source = how
+        self._functions: dict[str, Any] = {}
+        self._staging = _Staging()
+        self._scratch: dict[Any, list[Any]] = {}
+        self._tables_cache: dict[tuple, phys.DetectorTables] = {}
+        self._stream = None
+        self._lock = self._gpu.lock
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @property
+    def device_name(self) -> str:
+        return self._gpu.name
+
+    def _fn(self, name: str) -> Any:
+        fn = self._functions.get(name)
+        if fn is None:
+            fn = self._functions[name] = self._module.get_function(name)
+        return fn
+
+    def stream(self) -> Any:
+        """This backend's default CUDA stream (created on first use)."""
+        if self._stream is None:
+            with self._gpu.context():
+                self._stream = drv.Stream()
+        return self._stream
+
+    def new_stream(self) -> Any:
+        with self._gpu.context():
+            return drv.Stream()
+
+    def allocate(self, shape: tuple[int, ...], dtype: Any = "float16") -> DeviceImages:
+        """A reusable device image buffer (pass as ``out=``)."""
+        with self._gpu.context():
+            return DeviceImages(shape, np.dtype(dtype), self.device_index)
+
+    def pinned(self, shape: tuple[int, ...], dtype: Any = "float16") -> np.ndarray:
+        """A reusable page-locked host array (pass as ``host_out=``)."""
+        with self._gpu.context():
+            return drv.pagelocked_empty(tuple(shape), np.dtype(dtype))
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes of GPU memory."""
+        with self._gpu.context():
+            return drv.mem_get_info()
+
+    # -- volumes -------------------------------------------------------------------------------
+
+    def prepare(self, material_volume: Any, world_from_patient: np.ndarray | None = None,
+                layouts: Sequence[int] = ()) -> CudaVolume:
+        """Make a volume resident (cached by content); ``layouts`` lists slice axes to build now
+        (others are built on first use)."""
+        wfp = np.eye(4) if world_from_patient is None else np.asarray(world_from_patient, dtype=np.float64)
+        key = volume_key(material_volume, wfp)
+        with self._lock:
+            vol = self._cache.get(key)
+            if vol is None:
+                dens = np.ascontiguousarray(material_volume.densities_g_cm3, dtype=np.float32)
+                world_from_ijk = wfp @ np.asarray(material_volume.patient_from_ijk, dtype=np.float64)
+                vol = CudaVolume(key, self._gpu, dens, world_from_ijk, list(material_volume.material_names))
+                self._cache.put(key, vol)
+            if layouts:
+                self._ensure_layouts(vol, set(int(a) for a in layouts))
+            return vol
+
+    def _ensure_layouts(self, vol: CudaVolume, axes: set[int]) -> None:
+        missing = sorted(a for a in axes if a not in vol.layouts)
+        if not missing:
+            return
+        extra = len(missing) * vol.layout_nbytes
+        over = self._cache.make_room(extra, keep={vol.key})
+        if over > 0:
+            for a in [a for a in vol.layouts if a not in axes]:
+                vol.release_layout(a)
+            over = max(0, self._cache.bytes_resident() + extra - self.memory_budget_bytes)
+            if over > 0:
+                warnings.warn(
+                    f"backend 'cuda': volume layouts need {extra / 2**30:.2f} GiB more than the budget "
+                    f"({self.memory_budget_bytes / 2**30:.2f} GiB) allows; building them anyway",
+                    stacklevel=3,
+                )
+        for a in missing:
+            vol.layouts[a] = self._build_layout(vol, a)
+
+    def _build_layout(self, vol: CudaVolume, axis: int) -> _Layout:
+        X, Y, L = layout_dims(vol.shape, axis)
+        C, NT, M = vol.channels, vol.n_textures, vol.n_materials
+        texel = 2 * C
+        I, J, K = vol.shape
+        per_layer_src = M * X * Y * 4
+        per_layer_pack = X * Y * texel
+        chunk = max(1, min(L, (256 << 20) // (per_layer_src + per_layer_pack)))
+        pack = self._fn("pack_layout")
+        arrays: list[int] = []
+        with self._gpu.context():
+            d_src = drv.mem_alloc(per_layer_src * chunk)
+            d_pack = drv.mem_alloc(per_layer_pack * chunk)
+            try:
+                for _ in range(NT):
+                    arrays.append(cd.create_layered_array(X, Y, L, C))
+                for l0 in range(0, L, chunk):
+                    nl = min(chunk, L - l0)
+                    sl: list[slice] = [slice(None)] * 4
+                    sl[1 + axis] = slice(l0, l0 + nl)
+                    host = np.ascontiguousarray(vol.densities[tuple(sl)])
+                    drv.memcpy_htod(d_src, host)
+                    n = nl * X * Y
+                    grid = (max(1, min(65535, (n + 255) // 256)), 1, 1)
+                    for t in range(NT):
+                        pack(d_src, d_pack, np.int32(M), np.int32(4 * t), np.int32(C), np.int32(I), np.int32(J),
+                             np.int32(K), np.int32(axis), np.int32(nl), block=(256, 1, 1), grid=grid)
+                        drv.Context.synchronize()
+                        cd.copy_device_to_layers(int(d_pack), arrays[t], X * texel, Y, l0, nl)
+                drv.Context.synchronize()
+                tex_lin = [cd.create_texture_object(a, linear=True) for a in arrays]
+                tex_pt = [cd.create_texture_object(a, linear=False) for a in arrays]
+            except BaseException:
+                for a in arrays:
+                    cd.destroy_array(a)
+                raise
+            finally:
+                d_src.free()
+                d_pack.free()
+        return _Layout(axis, arrays, tex_lin, tex_pt, X * Y * L * texel * NT)
+
+    def cache_stats(self) -> dict[str, int]:
+        stats = self._cache.stats()
+        with self._lock:
+            stats["layouts"] = sum(len(v.layouts) for v in self._cache._entries.values())
+        return stats
+
+    def evict(self, handle: CudaVolume) -> None:
+        with self._lock:
+            self._cache.evict(handle.key)
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    def _tables(self, spectrum: Any, names: list[str], physics: phys.Physics) -> phys.DetectorTables:
+        if isinstance(spectrum, phys.DetectorTables):
+            return spectrum
+        key = (spectrum.key() if hasattr(spectrum, "key") else id(spectrum), tuple(names), physics.detector,
+               physics.csi_thickness_mm)
+        tab = self._tables_cache.get(key)
+        if tab is None:
+            tab = self._tables_cache[key] = phys.detector_tables(spectrum, names, physics)
+        return tab
+
+    def _launch(self, vol: CudaVolume, cameras: Sequence[Any], physics: phys.Physics, *, mode: int,
+                spectra: Any = None, seeds: Sequence[int] | None = None, dtype: str = "float32",
+                to_host: bool = True, out: Any = None, host_out: np.ndarray | None = None,
+                stream: Any = None) -> RenderJob:
+        B = len(cameras)
+        if B == 0:
+            raise BackendError("cameras: need at least one camera")
+        H, W = int(cameras[0].height), int(cameras[0].width)
+        if any(int(c.height) != H or int(c.width) != W for c in cameras):
+            raise BackendError("cameras: one launch renders images of one size; group cameras by (height, width)")
+        if B > 65535:
+            raise BackendError(f"cameras: at most 65535 images per launch, got {B}")
+        method = physics.method
+        M = vol.n_materials
+        h0 = float(physics.step_voxels) * float(min(vol.spacing_mm))
+        cams, principal, corner_axes = plan_batch(cameras, vol.ijk_from_world, h0, vol.shape)
+        info = np.zeros((B, INFO_STRIDE), dtype=np.uint32)
+        axes = set(principal.tolist())
+        if method == "joseph" and self.joseph_layouts:
+            axes |= corner_axes
+
+        if mode == 1:
+            spec_list = list(spectra) if isinstance(spectra, (list, tuple)) else [spectra]
+            if len(spec_list) not in (1, B):
+                raise PhysicsError(f"spectrum: give one spectrum or one per camera ({B}), got {len(spec_list)}")
+            uniq: list[phys.DetectorTables] = []
+            index: dict[int, int] = {}
+            for i in range(B):
+                s = spec_list[i if len(spec_list) == B else 0]
+                tab = self._tables(s, vol.material_names, physics)
+                if id(tab) not in index:
+                    index[id(tab)] = len(uniq)
+                    uniq.append(tab)
+                info[i, 0] = index[id(tab)]
+            tables, nbmax, tstride = tables_block(uniq, M)
+            if seeds is None or len(seeds) != B:
+                raise PhysicsError(f"seeds: need one seed per camera ({B}), got {0 if seeds is None else len(seeds)}")
+            for i, seed in enumerate(seeds):
+                s64 = int(seed) & (2**64 - 1)
+                info[i, 1] = s64 & 0xFFFFFFFF
+                info[i, 2] = s64 >> 32
+            out_shape: tuple[int, ...] = (B, H, W)
+            out_dtype = np.dtype(dtype)
+        else:
+            tables, nbmax, tstride = np.zeros((1, 4), dtype=np.float32), 0, 4
+            out_shape = (B, M, H, W)
+            out_dtype = np.dtype(np.float32)
+            dtype = "float32"
+        info[:, 3] = principal.astype(np.uint32)
+        if dtype not in DTYPE_CODES:
+            raise BackendError(f"dtype: choose one of {sorted(DTYPE_CODES)}, got {dtype!r}")
+
+        params = np.zeros((), dtype=_PARAMS_DTYPE)
+        with self._lock:
+            self._ensure_layouts(vol, axes)
+            with self._gpu.context():
+                stream = stream if stream is not None else self.stream()
+                # per-launch parameters: one pinned staging buffer -> one async copy
+                blobs = [cams.tobytes(), info.tobytes(), tables.tobytes()]
+                offsets, total = [], 0
+                for blob in blobs:
+                    offsets.append(total)
+                    total += (len(blob) + 255) // 256 * 256
+                slot = self._staging.acquire(total)
+                host, dev = slot[1], slot[2]
+                for off, blob in zip(offsets, blobs, strict=True):
+                    host[off : off + len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+                drv.memcpy_htod_async(dev, host[:total], stream)
+                base = int(dev)
+                images = _wrap_out(out, out_shape, out_dtype, self.device_index) if out is not None else \
+                    DeviceImages(out_shape, out_dtype, self.device_index)
+                keep: list[Any] = [slot]
+
+                p = params
+                p["cams"], p["info"], p["tables"] = base + offsets[0], base + offsets[1], base + offsets[2]
+                p["out"] = images.ptr
+                tex = [0] * 6
+                texp = [0] * 6
+                for a, lay in vol.layouts.items():
+                    for t in range(vol.n_textures):
+                        tex[a * 2 + t] = lay.tex_linear[t]
+                        texp[a * 2 + t] = lay.tex_point[t]
+                p["tex"], p["texp"] = tex, texp
+                p["nI"], p["nJ"], p["nK"] = vol.shape
+                p["M"], p["H"], p["W"], p["B"] = M, H, W, B
+                p["tstride"], p["nbmax"], p["mode"] = tstride, nbmax, mode
+                p["output"] = OUTPUT_CODES[physics.output]
+                p["out_dtype"] = DTYPE_CODES[dtype]
+                scale = phys.UINT16_SCALE[physics.output] if dtype == "uint16" else None
+                p["scale"] = scale or 1.0
+                p["photons"] = float(physics.photons) if physics.photons else 0.0
+                p["sigma_e"] = float(physics.electronic_noise) if physics.photons else 0.0
+                p["tau_min"] = 0.5 / physics.photons if physics.photons else phys.NOISELESS_TAU_MIN
+                p["solid_angle"] = int(bool(physics.solid_angle))
+                neglog = mode == 1 and physics.output == "neglog"
+                if neglog:
+                    scratch, minmax = self._scratch_for(stream, B * H * W, B)
+                    p["scratch"], p["minmax"] = int(scratch), int(minmax)
+                    self._fn("drr_minmax_init")(minmax, np.int32(B), block=(256, 1, 1),
+                                                grid=((B + 255) // 256, 1), stream=stream)
+                interp = "exact" if self.exact_interpolation else "hw"
+                bx, by, _ = self.block
+                grid = ((W + bx - 1) // bx, (H + by - 1) // by, B)
+                shared = int(tstride * 4)
+                if mode == 1 and self.fused:
+                    kname = f"drr_{method}_c{vol.channels}_t{vol.n_textures}_{interp}"
+                    self._fn(kname)(params[()], block=self.block, grid=grid, stream=stream, shared=shared)
+                else:
+                    self._split(params, method, vol, interp, mode, B, H, W, out_dtype, stream, shared)
+                if neglog:
+                    n = B * H * W
+                    self._fn("drr_neglog_finish")(params[()], block=(256, 1, 1),
+                                                  grid=(max(1, min(65535, (n + 255) // 256)), 1), stream=stream)
+                host_arr = None
+                if to_host:
+                    host_arr = host_out if host_out is not None else drv.pagelocked_empty(out_shape, out_dtype)
+                    if host_arr.shape != out_shape or host_arr.dtype != out_dtype:
+                        raise BackendError(f"host_out: expected {out_shape} {out_dtype}, got "
+                                           f"{host_arr.shape} {host_arr.dtype}")
+                    drv.memcpy_dtoh_async(host_arr, images.ptr, stream)
+                event = drv.Event()
+                event.record(stream)
+                slot[3] = event
+        return RenderJob(self._gpu, images, host_arr, event, scale, keep)
+
+    def _split(self, params: np.ndarray, method: str, vol: CudaVolume, interp: str, mode: int, B: int, H: int,
+               W: int, out_dtype: np.dtype, stream: Any, shared: int) -> None:
+        """Ray records -> march -> (mode 1) finish, in chunks of images that bound the scratch memory."""
+        M = vol.n_materials
+        per_chunk = max(1, min(B, SPLIT_CHUNK_PIXELS // (H * W)))
+        rays = self._buffer(stream, "rays", per_chunk * H * W * 48)
+        lint = self._buffer(stream, "lint", per_chunk * H * W * M * 4) if mode == 1 else None
+        bx, by, _ = self.block
+        fn_rays = self._fn(f"drr_rays_{method}")
+        fn_march = self._fn(f"drr_march_{method}_c{vol.channels}_t{vol.n_textures}_{interp}")
+        fn_finish = self._fn("drr_finish_m4" if vol.n_textures == 1 else "drr_finish_m8")
+        base = params.copy()
+        out_item = out_dtype.itemsize
+        for i0 in range(0, B, per_chunk):
+            n = min(per_chunk, B - i0)
+            q = base.copy()
+            q["cams"] = int(base["cams"]) + i0 * CAM_STRIDE * 8
+            q["info"] = int(base["info"]) + i0 * INFO_STRIDE * 4
+            q["B"] = n
+            q["rays"] = int(rays)
+            if base["scratch"]:
+                q["scratch"] = int(base["scratch"]) + i0 * H * W * 4
+                q["minmax"] = int(base["minmax"]) + i0 * 8
+            grid = ((W + bx - 1) // bx, (H + by - 1) // by, n)
+            fn_rays(q[()], block=self.block, grid=grid, stream=stream)
+            march = q.copy()
+            march["out"] = int(lint) if mode == 1 else int(base["out"]) + i0 * M * H * W * 4
+            fn_march(march[()], block=self.block, grid=grid, stream=stream)
+            if mode == 1:
+                q["lint"] = int(lint)
+                q["out"] = int(base["out"]) + i0 * H * W * out_item
+                fn_finish(q[()], block=(16, 16, 1), grid=((W + 15) // 16, (H + 15) // 16, n), stream=stream,
+                          shared=shared)
+
+    def _buffer(self, stream: Any, name: str, nbytes: int) -> Any:
+        """A per-stream scratch buffer of at least ``nbytes`` (grown, never shrunk). Buffers of the
+        least recently used streams beyond ``SCRATCH_STREAMS`` are freed (after their work finished)."""
+        key = (name, id(stream))
+        cur = self._scratch.pop(key, None)
+        if cur is None or cur[0] < nbytes:
+            cur = [nbytes, drv.mem_alloc(max(nbytes, 1)), stream]
+        self._scratch[key] = cur  # most recent last
+        streams = list(dict.fromkeys(k[1] for k in self._scratch))
+        for old in streams[:-SCRATCH_STREAMS]:
+            for k in [k for k in self._scratch if k[1] == old]:
+                entry = self._scratch.pop(k)
+                entry[2].synchronize()
+                entry[1].free()
+        return cur[1]
+
+    def _scratch_for(self, stream: Any, n_pixels: int, n_images: int) -> tuple[Any, Any]:
+        return self._buffer(stream, "neglog", 4 * n_pixels), self._buffer(stream, "minmax", 8 * n_images)
+
+    def render_async(self, handle: CudaVolume, cameras: Sequence[Any], spectrum: Any, physics: phys.Physics,
+                     seeds: Sequence[int], *, dtype: str = "float32", to_host: bool = True, out: Any = None,
+                     host_out: np.ndarray | None = None, stream: Any = None) -> RenderJob:
+        """Enqueue one batch; returns at once.
+
+        ``spectrum``: a :class:`~drrfarm.spectrum.Spectrum` or precomputed
+        :class:`~drrfarm.physics.DetectorTables` (for this volume's materials and ``physics.detector``),
+        or a list of them, one per camera (one launch mixes spectra). ``dtype``: ``float32``,
+        ``float16`` or ``uint16`` (value = round(x / ``job.scale``)). ``out``: reuse a
+        :class:`DeviceImages` or write into any CUDA array (e.g. a torch tensor); ``host_out``: reuse
+        a pinned array (from :meth:`pinned`). ``to_host=False`` keeps the images on the GPU only.
+        """
+        return self._launch(handle, cameras, physics, mode=1, spectra=spectrum, seeds=seeds, dtype=dtype,
+                            to_host=to_host, out=out, host_out=host_out, stream=stream)
+
+    def render(self, handle: CudaVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
+               seeds: list[int]) -> np.ndarray:
+        """Output images (B, H, W) float32 (the :class:`~drrfarm.render.Backend` contract)."""
+        if len(seeds) != len(cameras):
+            raise PhysicsError(f"seeds: need one seed per camera ({len(cameras)}), got {len(seeds)}")
+        spectra = spectrum if isinstance(spectrum, (list, tuple)) else [spectrum] * len(cameras)
+        return self._grouped(cameras, lambda idx: self.render_async(
+            handle, [cameras[i] for i in idx], [spectra[i] for i in idx], physics, [seeds[i] for i in idx]
+        ).wait(), lambda h, w: (h, w))
+
+    def line_integrals(self, handle: CudaVolume, cameras: list[Any], physics: phys.Physics) -> np.ndarray:
+        """Per-material line integrals (B, M, H, W) float32 in g/cm²."""
+        M = handle.n_materials
+        return self._grouped(cameras, lambda idx: self._launch(
+            handle, [cameras[i] for i in idx], physics, mode=0
+        ).wait(), lambda h, w: (M, h, w))
+
+    def _grouped(self, cameras: Sequence[Any], run: Any, tail: Any) -> np.ndarray:
+        if not cameras:
+            raise BackendError("cameras: need at least one camera")
+        sizes = {(int(c.height), int(c.width)) for c in cameras}
+        if len(sizes) > 1:
+            raise BackendError(f"cameras: all images of one call must share a size, got {sorted(sizes)}")
+        H, W = sizes.pop()
+        per_launch = max(1, (64 << 20) // max(1, H * W))  # bound a launch's output to ~64 M pixels
+        result = np.empty((len(cameras), *tail(H, W)), dtype=np.float32)
+        for start in range(0, len(cameras), per_launch):
+            idx = list(range(start, min(len(cameras), start + per_launch)))
+            result[start : start + len(idx)] = run(idx)
+        return result
