@@ -268,10 +268,10 @@ def images_from_batch(batch: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def dequantize(images: np.ndarray, image_scale: np.ndarray | float) -> np.ndarray:
     """float32 values (B, H, W) from stored images and their per-row ``image_scale`` (B,)."""
-    s = np.asarray(image_scale, np.float64)
+    s = np.asarray(image_scale, np.float32)
     if s.ndim == 1:
         s = s[:, None, None]
-    return (images.astype(np.float32) * s).astype(np.float32)
+    return np.multiply(images, s, dtype=np.float32)
 
 
 def read_shard(source: Any) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, str]]:

@@ -1,0 +1,916 @@
+"""Loading a drrfarm dataset for training: Ray Data, plain PyTorch, patient-level splits.
+
+Everything here reads through the dataset's manifest (:func:`drrfarm.sinks.read_manifest`): only
+committed shards are read, a shard still being written or left half-written by a killed worker is
+invisible. Parquet decoding is the sinks' own (:func:`drrfarm.sinks.decode_images`,
+:func:`drrfarm.sinks.dequantize`); this module only turns metadata columns into arrays.
+
+Ray Data::
+
+    from drrfarm.data import read_drrs, split_by_volume
+
+    ds = read_drrs("./drrfarm-demo", filter={"kvp": [120.0]})      # ray.data.Dataset
+    for batch in ds.iter_torch_batches(batch_size=32):
+        batch["image"]        # (B, H, W) torch.uint16 (stored dtype), or float32 with float_line_integral=True
+        batch["alpha_deg"]    # (B,) float64;  batch["P"]: (B, 3, 4) float64 ...
+    train, val = split_by_volume("s3://bucket/run1", val_fraction=0.2, seed=0)   # by patient
+
+Plain PyTorch (no Ray; pyarrow only): :class:`DrrTorchDataset` (map-style, random access with a
+small row-group cache; use :meth:`DrrTorchDataset.sampler` to shuffle cheaply) and
+:class:`DrrIterableDataset` (streams row groups; splits them across DataLoader workers and
+distributed ranks).
+
+Row layout produced by every reader (one row = one image):
+
+* ``image``: ``(H, W)`` in the stored dtype (``uint16`` quantised, ``float16`` or ``float32``), or
+  ``float32`` values ``stored * image_scale`` with ``float_line_integral=True`` (line integrals
+  ``log(I0/I)`` for the default ``output: line_integral``; the stored quantity otherwise);
+* camera: ``K`` (3, 3), ``R`` (3, 3), ``t`` (3,), ``P`` (3, 4), ``source_world_mm`` (3,),
+  ``isocentre_world_mm`` (3,) -- float64, NaN where the shard stored null (no C-arm);
+* numbers: ``alpha_deg``, ``beta_deg``, ``gamma_deg``, ``sdd_mm``, ``pixel_mm``, ``kvp``, ``al_mm``,
+  ``cu_mm``, ``mean_energy_kev``, ``image_scale`` (float64, NaN = null), ``photons`` (float64, NaN
+  = noiseless render), ``image_index``, ``seed``, ``height``, ``width`` (int64, -1 = null);
+* strings (``volume_id``, ``shard_id``, ``sweep_id``, ``spectrum_name``, ``detector``, ``output``,
+  ``volume_sha256``, ``image_dtype``; ``""`` = null) only when named in ``columns`` (or ``columns="all"``): Ray's
+  ``iter_torch_batches`` cannot turn strings into tensors, so the default is the image plus every
+  numeric column. Extra columns written by the farm (landmarks, ...) follow the same rule.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from drrfarm.errors import StorageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+    import ray.data
+
+    from drrfarm.sinks import Manifest, Store
+
+log = logging.getLogger("drrfarm.data")
+
+IMAGE = "image"
+#: columns the image decoder needs (read even when not asked for)
+DECODE_COLUMNS = ("height", "width", "image_dtype", "image_scale")
+#: vector columns and the shape each row gets
+VECTOR_SHAPES: dict[str, tuple[int, ...]] = {
+    "K": (3, 3),
+    "R": (3, 3),
+    "t": (3,),
+    "P": (3, 4),
+    "source_world_mm": (3,),
+    "isocentre_world_mm": (3,),
+}
+#: integer columns that may legitimately be null: read as float64, NaN = null
+NULLABLE_INT_AS_FLOAT = frozenset({"photons"})
+INT_NULL = -1
+
+FilterSpec = Any  # Mapping[str, value | list of values] | ray.data.expressions.Expr | str | pyarrow.compute.Expression
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Opening a dataset
+
+
+def open_dataset_store(url: str | Store, storage_options: Mapping[str, Any] | None = None) -> Store:
+    """The sinks :class:`~drrfarm.sinks.Store` of a dataset root, read-only (no probe write).
+
+    ``storage_options`` (fsspec keyword arguments, e.g. ``{"anon": True}`` or
+    ``{"client_kwargs": {"endpoint_url": ...}}``) replace the store's default filesystem, which
+    otherwise comes from the standard AWS environment/config chain for ``s3://``.
+    """
+    from drrfarm.sinks import Store, open_store
+
+    store = url if isinstance(url, Store) else open_store(str(url), probe=False)
+    if storage_options:
+        import fsspec
+
+        # same root/URL normalisation as the sinks, another filesystem instance
+        store = Store(store.url, store.protocol, fsspec.filesystem(store.protocol, **dict(storage_options)),
+                      store.root, store.retry)
+    return store
+
+
+def _committed(store: Store) -> Manifest:
+    from drrfarm.sinks import read_manifest
+
+    manifest = read_manifest(store)
+    if not manifest:
+        raise StorageError(f"{store.url}: no committed shards (no manifest entries) -- is this a drrfarm dataset?")
+    if not manifest.keys_of("parquet"):
+        raise StorageError(f"{store.url}: the dataset has no Parquet shards (PNG only); read_drrs needs Parquet")
+    return manifest
+
+
+def _arrow_fs(store: Store) -> Any:
+    from drrfarm.sinks.dataset import arrow_filesystem
+
+    return arrow_filesystem(store)
+
+
+def _file_metadata(store: Store, manifest: Manifest) -> dict[str, str]:
+    """File-level metadata of the dataset: manifest extra > shard entries > first Parquet footer."""
+    import pyarrow.parquet as pq
+
+    meta: dict[str, str] = {}
+    for entry in manifest.values():
+        for k, v in entry.file_metadata.items():
+            if v and not meta.get(k):
+                meta[k] = v
+    for k in ("spec_sha256", "drrfarm_version", "mlflow_run_id", "sweep_id"):
+        v = manifest.extra.get(k)
+        if v:
+            meta[k] = str(v)
+    if not meta.get("mlflow_run_id"):
+        key = manifest.keys_of("parquet")[0]
+        with store.open_read(key) as fh:
+            raw = pq.read_schema(fh).metadata or {}
+        for k, v in raw.items():
+            ks, vs = k.decode(), v.decode()
+            if vs and not meta.get(ks):
+                meta[ks] = vs
+    return meta
+
+
+def dataset_info(url: str | Store, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A summary of a dataset from its manifest (no pixel is read).
+
+    Returns ``{"url", "shards", "rows", "volume_ids", "image_dtype", "height", "width", "finalized",
+    "mlflow_run_id", "spec_sha256", "sweep_id", "drrfarm_version", "file_metadata"}``; the run id is the
+    provenance (MLflow) run of the sweep that wrote the dataset ("" when it was not tracked).
+    """
+    store = open_dataset_store(url, storage_options)
+    manifest = _committed(store)
+    meta = _file_metadata(store, manifest)
+    entries = list(manifest.values())
+    return {
+        "url": store.url,
+        "shards": len(entries),
+        "rows": manifest.total_rows,
+        "volume_ids": sorted({v for e in entries for v in e.volume_ids}),
+        "image_dtype": sorted({e.image_dtype for e in entries}),
+        "height": sorted({e.height for e in entries}),
+        "width": sorted({e.width for e in entries}),
+        "finalized": bool(manifest.finalized_at),
+        "mlflow_run_id": meta.get("mlflow_run_id", ""),
+        "spec_sha256": meta.get("spec_sha256", ""),
+        "sweep_id": meta.get("sweep_id", ""),
+        "drrfarm_version": meta.get("drrfarm_version", ""),
+        "file_metadata": meta,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Filters and column selection
+
+
+def _as_list(v: Any) -> list[Any]:
+    if isinstance(v, str | bytes) or not isinstance(v, Iterable):
+        return [v]
+    return list(v)
+
+
+def _check_filter_dict(flt: Mapping[str, Any], schema: pa.Schema) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for name, values in flt.items():
+        if name not in schema.names or name == IMAGE:
+            known = sorted(n for n in schema.names if n != IMAGE)
+            raise StorageError(f"filter: unknown column {name!r}; columns: {known}")
+        vals = _as_list(values)
+        if not vals:
+            raise StorageError(f"filter: empty list of values for {name!r}")
+        out[str(name)] = vals
+    return out
+
+
+def _arrow_expression(flt: Mapping[str, list[Any]]) -> Any:
+    """pyarrow.compute.Expression for a dict filter: AND over columns of ``column in values``."""
+    import pyarrow.compute as pc
+
+    expr = None
+    for name, vals in flt.items():
+        term = pc.field(name).isin(vals)
+        expr = term if expr is None else expr & term
+    return expr
+
+
+def _ray_expression(flt: Mapping[str, list[Any]]) -> Any:
+    from ray.data.expressions import col
+
+    expr = None
+    for name, vals in flt.items():
+        term = col(name).is_in(vals)
+        expr = term if expr is None else expr & term
+    return expr
+
+
+def _is_arrow_expression(obj: Any) -> bool:
+    try:
+        import pyarrow.compute as pc
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, pc.Expression)
+
+
+def _prune_entries(manifest: Manifest, flts: Sequence[Mapping[str, list[Any]]]) -> list[Any]:
+    """Manifest entries that can hold rows passing every dict filter on ``volume_id`` (others skipped)."""
+    entries = list(manifest.values())
+    for flt in flts:
+        if "volume_id" in flt:
+            want = {str(v) for v in flt["volume_id"]}
+            entries = [e for e in entries if not e.volume_ids or want.intersection(e.volume_ids)]
+    return entries
+
+
+def _is_numeric(t: Any) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _is_numeric(t.value_type)
+    return False
+
+
+def _select_columns(schema: pa.Schema, columns: Sequence[str] | str | None) -> list[str]:
+    """Metadata columns to return (without the image)."""
+    names = [n for n in schema.names if n != IMAGE]
+    if columns is None:
+        return [n for n in names if _is_numeric(schema.field(n).type)]
+    if isinstance(columns, str):
+        if columns == "all":
+            return names
+        columns = [columns]
+    bad = [c for c in columns if c not in names and c != IMAGE]
+    if bad:
+        raise StorageError(f"columns: unknown {bad}; available: {sorted(names)}")
+    return [c for c in dict.fromkeys(columns) if c != IMAGE]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding (shared by Ray Data and the torch datasets)
+
+
+def _combine(col: Any) -> Any:
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return col
+
+
+def column_to_numpy(name: str, col: Any) -> np.ndarray:
+    """One metadata column (pyarrow Array/ChunkedArray of B rows) as a numpy array (see module doc)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = _combine(col)
+    t = col.type
+    n = len(col)
+    if name in VECTOR_SHAPES or pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        if not _is_numeric(t):
+            return np.asarray(col.to_pylist(), dtype=object)
+        shape = VECTOR_SHAPES.get(name)
+        valid = np.ones(n, bool) if col.null_count == 0 else ~np.asarray(col.is_null().to_numpy(zero_copy_only=False))
+        present = col if col.null_count == 0 else col.filter(pa.array(valid))
+        lengths = np.asarray(pc.list_value_length(present).to_numpy(zero_copy_only=False)) if len(present) else []
+        if len(present) and np.any(lengths != lengths[0]):
+            raise StorageError(f"column {name!r}: lists of different lengths in one batch; select other columns")
+        per = int(np.prod(shape)) if shape else (int(lengths[0]) if len(present) else 0)
+        if shape is None:
+            shape = (per,)
+        values = np.asarray(present.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
+        if values.size != len(present) * per:
+            raise StorageError(f"column {name!r}: expected {per} values per row")
+        out = np.full((n, *shape), np.nan)
+        out[valid] = values.reshape(len(present), *shape)
+        return out
+    if pa.types.is_integer(t):
+        if name in NULLABLE_INT_AS_FLOAT:
+            return np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+        return np.asarray(col.fill_null(INT_NULL).to_numpy(zero_copy_only=False), dtype=np.int64)
+    if pa.types.is_floating(t):
+        return np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+    if pa.types.is_boolean(t):
+        return np.asarray(col.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return np.asarray(col.fill_null("").to_pylist(), dtype=object)  # null -> ""
+    return np.asarray(col.to_pylist(), dtype=object)
+
+
+def decode_images_any_shape(table: Any, *, float_line_integral: bool = False) -> np.ndarray | list[np.ndarray]:
+    """Images of a shard table: (B, H, W) array (stored dtype, or float32 values), or a list of (H, W)
+    arrays when rows differ in shape/dtype (datasets mixing sweeps)."""
+    from drrfarm.sinks import decode_images, dequantize
+
+    def one(t: Any) -> np.ndarray:
+        imgs = decode_images(t)
+        if float_line_integral:
+            scale = np.asarray(t.column("image_scale").to_numpy(zero_copy_only=False), np.float64)
+            scale = np.where(np.isfinite(scale), scale, 1.0)
+            imgs = dequantize(imgs, scale)
+        return imgs
+
+    try:
+        return one(table)
+    except StorageError:
+        if table.num_rows <= 1:
+            raise
+    return [one(table.slice(i, 1))[0] for i in range(table.num_rows)]
+
+
+def decode_table(table: Any, columns: Sequence[str], *, float_line_integral: bool = False) -> dict[str, Any]:
+    """A shard table (pyarrow Table/RecordBatch with the image and decode columns) as a dict of numpy
+    arrays: ``image`` (B, H, W) plus ``columns`` (see the module doc for dtypes and shapes)."""
+    out: dict[str, Any] = {IMAGE: decode_images_any_shape(table, float_line_integral=float_line_integral)}
+    for name in columns:
+        out[name] = column_to_numpy(name, table.column(name))
+    return out
+
+
+class _RayDecoder:
+    """map_batches function of :func:`read_drrs` (a plain picklable object; no torch import).
+
+    ``empty_image``: (dtype, H, W) of the dataset's images when all shards agree, for empty blocks
+    (a filter can empty a block; its columns must still have the dataset's types).
+    """
+
+    def __init__(self, columns: Sequence[str], float_line_integral: bool, arrow_filter: Any = None,
+                 empty_image: tuple[str, int, int] | None = None) -> None:
+        self.columns = list(columns)
+        self.float_line_integral = float_line_integral
+        self.arrow_filter = arrow_filter
+        self.empty_image = empty_image
+
+    def __call__(self, table: Any) -> dict[str, Any]:
+        if self.arrow_filter is not None:
+            table = table.filter(self.arrow_filter)
+        if table.num_rows == 0 and self.empty_image is not None:
+            dtype, h, w = self.empty_image
+            out = {IMAGE: np.zeros((0, h, w), np.float32 if self.float_line_integral else dtype)}
+            out.update({c: column_to_numpy(c, table.column(c)) for c in self.columns})
+            return out
+        out = decode_table(table, self.columns, float_line_integral=self.float_line_integral)
+        if isinstance(out[IMAGE], list):
+            arr = np.empty(len(out[IMAGE]), dtype=object)
+            arr[:] = out[IMAGE]
+            out[IMAGE] = arr  # Ray stores it as a variable-shaped tensor column
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray Data
+
+
+def read_drrs(
+    url: str | Store,
+    columns: Sequence[str] | str | None = None,
+    *,
+    filter: FilterSpec | None = None,  # noqa: A002 - the issue's name
+    float_line_integral: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    override_num_blocks: int | None = None,
+) -> ray.data.Dataset:
+    """A drrfarm dataset (local path, ``file://``, ``s3://``, any fsspec URL) as a ``ray.data.Dataset``.
+
+    Only the committed Parquet shards of the manifest are read. One row per image; see the module
+    docstring for the columns, dtypes and shapes.
+
+    Args:
+        url: the dataset root (the sweep's output URL).
+        columns: metadata columns to return besides ``image``; None: every numeric column (what
+            ``iter_torch_batches`` can convert); ``"all"``: every column including strings.
+        filter: rows to keep -- a dict ``{"volume_id": [...], "kvp": [...], ...}`` (AND over columns of
+            ``value in list``; pushed down to the Parquet scan, and shards whose manifest entry names
+            none of the wanted volumes are not even opened), a Ray Data expression
+            (``ray.data.expressions.col("kvp") > 80``, pushed down too), or a
+            ``pyarrow.compute.Expression`` (applied to each block after reading).
+        float_line_integral: decode to float32 values ``stored * image_scale`` (line integrals for the
+            default ``output: line_integral``) instead of the stored dtype.
+        storage_options: fsspec options for the dataset's filesystem (default: the AWS env chain).
+        override_num_blocks: passed to ``ray.data.read_parquet`` (default: Ray's choice).
+
+    Works with ``iter_torch_batches`` (``image`` as a (B, H, W) tensor of the stored dtype -- torch.uint16
+    for uint16 shards; pass ``dtypes={"image": torch.float32}`` or use ``float_line_integral``) and with
+    Ray Train's ``datasets=`` / ``ray.train.get_dataset_shard``.
+    """
+    return _read_drrs(url, columns, filters=[filter] if filter is not None else [],
+                      float_line_integral=float_line_integral, storage_options=storage_options,
+                      override_num_blocks=override_num_blocks)
+
+
+def _read_drrs(
+    url: str | Store,
+    columns: Sequence[str] | str | None,
+    *,
+    filters: Sequence[FilterSpec],
+    float_line_integral: bool,
+    storage_options: Mapping[str, Any] | None,
+    override_num_blocks: int | None,
+) -> ray.data.Dataset:
+    import pyarrow.parquet as pq
+    import ray.data
+
+    store = open_dataset_store(url, storage_options)
+    manifest = _committed(store)
+    with store.open_read(manifest.keys_of("parquet")[0]) as fh:
+        schema = pq.read_schema(fh)
+    missing = [c for c in (IMAGE, *DECODE_COLUMNS) if c not in schema.names]
+    if missing:
+        raise StorageError(f"{store.url}: shards lack columns {missing}; not a drrfarm Parquet dataset")
+    out_columns = _select_columns(schema, columns)
+
+    dict_filters: list[dict[str, list[Any]]] = []
+    ray_exprs: list[Any] = []
+    arrow_exprs: list[Any] = []
+    for flt in filters:
+        if isinstance(flt, Mapping):
+            dict_filters.append(_check_filter_dict(flt, schema))
+        elif _is_arrow_expression(flt):
+            arrow_exprs.append(flt)
+        else:  # ray.data.expressions.Expr or an expression string
+            ray_exprs.append(flt)
+    entries = _prune_entries(manifest, dict_filters)
+    paths = [store.path(k) for e in entries for k in e.keys_of("parquet")]
+    if not paths:
+        raise StorageError(f"{store.url}: no committed shard holds the requested volumes {dict_filters}")
+
+    kwargs: dict[str, Any] = {"filesystem": _arrow_fs(store), "file_extensions": ["parquet"]}
+    if override_num_blocks is not None:
+        kwargs["override_num_blocks"] = override_num_blocks
+    ds = ray.data.read_parquet(paths, **kwargs)
+    for d in dict_filters:
+        ds = ds.filter(expr=_ray_expression(d))
+    for e in ray_exprs:
+        ds = ds.filter(expr=e)
+    read_cols = list(dict.fromkeys([IMAGE, *DECODE_COLUMNS, *out_columns]))
+    arrow_filter = None
+    for e in arrow_exprs:
+        arrow_filter = e if arrow_filter is None else arrow_filter & e
+    if arrow_filter is None:  # columns an arrow filter references must survive until the decoder
+        ds = ds.select_columns(read_cols)
+    shapes = {(e.image_dtype, e.height, e.width) for e in entries}
+    return ds.map_batches(
+        _RayDecoder(out_columns, float_line_integral, arrow_filter, shapes.pop() if len(shapes) == 1 else None),
+        batch_format="pyarrow",
+        batch_size=None,  # whole blocks (a row group or less): one zero-copy decode per block
+        zero_copy_batch=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Patient-level split
+
+
+def volume_split(volume_ids: Iterable[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Split volume (patient) ids into (train ids, val ids), deterministically.
+
+    Volumes are ranked by ``sha256(f"{seed}:{volume_id}")`` (independent of listing order and of
+    Python's hash seed) and the first ``round(val_fraction * n)`` go to
+    validation (at least one and at most ``n - 1`` when ``val_fraction > 0`` and ``n >= 2``). With a
+    single volume everything is training data (a patient-level split needs two patients).
+    """
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    ids = sorted({str(v) for v in volume_ids})
+    n_val = int(round(float(val_fraction) * len(ids)))
+    if val_fraction > 0 and len(ids) >= 2:
+        n_val = min(max(n_val, 1), len(ids) - 1)
+    elif len(ids) < 2:
+        n_val = 0
+        if val_fraction > 0:
+            log.warning("volume_split: %d volume(s); no patient-level validation split possible", len(ids))
+    ranked = sorted(ids, key=lambda v: hashlib.sha256(f"{int(seed)}:{v}".encode()).hexdigest())
+    return sorted(ranked[n_val:]), sorted(ranked[:n_val])
+
+
+def split_by_volume(
+    ds_or_url: ray.data.Dataset | str | Store,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    **read_kwargs: Any,
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(train, val) datasets split by patient (``volume_id``), never by image.
+
+    ``ds_or_url``: a dataset URL (volume ids come from the manifest; each side is read with
+    :func:`read_drrs` and ``read_kwargs``, the volume filter pushed down to the scan) or a
+    ``ray.data.Dataset`` that has a ``volume_id`` column (e.g. ``read_drrs(url, columns="all")``).
+    See :func:`volume_split` for how volumes are assigned. The val dataset is empty when there is a
+    single volume.
+    """
+    import ray.data
+
+    if isinstance(ds_or_url, ray.data.Dataset):
+        if "volume_id" not in ds_or_url.columns():
+            raise StorageError("split_by_volume: the dataset has no 'volume_id' column; pass the dataset URL, "
+                               "or read it with columns including 'volume_id'")
+        ids: set[str] = set()  # one streaming pass over the column (Dataset.unique would shuffle)
+        for b in ds_or_url.select_columns(["volume_id"]).iter_batches(batch_size=None, batch_format="pyarrow"):
+            ids.update(str(v) for v in b.column("volume_id").unique().to_pylist())
+        train_ids, val_ids = volume_split(ids, val_fraction, seed)
+        from ray.data.expressions import col
+
+        return (ds_or_url.filter(expr=col("volume_id").is_in(train_ids)),
+                ds_or_url.filter(expr=col("volume_id").is_in(val_ids or ["\0no-volume"])))
+
+    unknown = set(read_kwargs) - {"columns", "filter", "float_line_integral", "storage_options", "override_num_blocks"}
+    if unknown:
+        raise TypeError(f"split_by_volume: unexpected read_drrs arguments {sorted(unknown)}")
+    store = open_dataset_store(ds_or_url, read_kwargs.get("storage_options"))
+    ids = dataset_volume_ids(store)
+    train_ids, val_ids = volume_split(ids, val_fraction, seed)
+    user_filter = read_kwargs.pop("filter", None)
+    columns = read_kwargs.pop("columns", None)
+
+    def side(vol_ids: list[str]) -> ray.data.Dataset:
+        filters = [] if user_filter is None else [user_filter]
+        filters.append({"volume_id": vol_ids})
+        return _read_drrs(store, columns, filters=filters,
+                          float_line_integral=read_kwargs.get("float_line_integral", False),
+                          storage_options=None, override_num_blocks=read_kwargs.get("override_num_blocks"))
+
+    train = side(train_ids)
+    return train, (side(val_ids) if val_ids else train.limit(0))
+
+
+def dataset_volume_ids(url: str | Store, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Volume ids of the committed shards (from the manifest; Parquet ``volume_id`` columns if absent)."""
+    import pyarrow.parquet as pq
+
+    store = open_dataset_store(url, storage_options)
+    manifest = _committed(store)
+    ids: set[str] = set()
+    for e in manifest.values():
+        if e.volume_ids:
+            ids.update(e.volume_ids)
+        else:
+            for key in e.keys_of("parquet"):
+                with store.open_read(key) as fh:
+                    ids.update(str(v) for v in pq.read_table(fh, columns=["volume_id"]).column("volume_id").to_pylist())
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plain pyarrow index (used by the torch datasets)
+
+
+@dataclass(frozen=True)
+class _Group:
+    file: int  # index into _DrrIndex.paths
+    row_group: int
+    rows: np.ndarray  # (n,) positions of the kept rows inside the row group
+    first: int  # index of its first kept row in the dataset order
+
+
+class _DrrIndex:
+    """Which rows a torch dataset serves, their metadata (decoded once), and row-group reads."""
+
+    def __init__(
+        self,
+        url: str | Store,
+        columns: Sequence[str] | str | None,
+        filter: FilterSpec | None,  # noqa: A002
+        volume_ids: Iterable[str] | None,
+        float_line_integral: bool,
+        storage_options: Mapping[str, Any] | None,
+        cache_row_groups: int,
+    ) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.store = open_dataset_store(url, storage_options)
+        self.url = self.store.url
+        manifest = _committed(self.store)
+        self.file_metadata = _file_metadata(self.store, manifest)
+        self.float_line_integral = float_line_integral
+        self.cache_row_groups = max(1, int(cache_row_groups))
+        with self.store.open_read(manifest.keys_of("parquet")[0]) as fh:
+            schema = pq.read_schema(fh)
+        self.columns = _select_columns(schema, columns)
+
+        dict_filters: list[dict[str, list[Any]]] = []
+        arrow_filter = None
+        if isinstance(filter, Mapping):
+            dict_filters.append(_check_filter_dict(filter, schema))
+        elif filter is not None:
+            if not _is_arrow_expression(filter):
+                raise StorageError("filter: the torch datasets take a dict or a pyarrow.compute.Expression")
+            arrow_filter = filter
+        if volume_ids is not None:
+            dict_filters.append({"volume_id": [str(v) for v in volume_ids]})
+        for d in dict_filters:
+            e = _arrow_expression(d)
+            arrow_filter = e if arrow_filter is None else arrow_filter & e
+
+        entries = _prune_entries(manifest, dict_filters)
+        self.paths: list[str] = [self.store.path(k) for e in entries for k in e.keys_of("parquet")]
+        self._keys: list[str] = [k for e in entries for k in e.keys_of("parquet")]
+        meta_cols = [n for n in schema.names if n != IMAGE]
+        tables = []
+        groups: list[_Group] = []
+        first = 0
+        for fi, key in enumerate(self._keys):
+            with self.store.open_read(key) as fh:
+                pf = pq.ParquetFile(fh)
+                sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+                tab = pf.read(columns=meta_cols)
+            mask = _filter_mask(tab, arrow_filter) if arrow_filter is not None else np.ones(tab.num_rows, bool)
+            start = 0
+            for g, size in enumerate(sizes):
+                rows = np.flatnonzero(mask[start:start + size])
+                if len(rows):
+                    groups.append(_Group(fi, g, rows, first))
+                    first += len(rows)
+                start += size
+            tables.append(tab.filter(pa.array(mask)))
+        self.groups = groups
+        self.n = first
+        meta = pa.concat_tables(tables, promote_options="permissive") if tables else None
+        self.meta: dict[str, np.ndarray] = (
+            {c: column_to_numpy(c, meta.column(c)) for c in self.columns} if meta is not None else {}
+        )
+        self._group_starts = np.array([g.first for g in groups] + [first], np.int64)
+        self._cache: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = collections.OrderedDict()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def locate(self, i: int) -> tuple[_Group, int]:
+        if not -self.n <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} images")
+        i %= self.n
+        gi = int(np.searchsorted(self._group_starts, i, side="right") - 1)
+        g = self.groups[gi]
+        return g, int(g.rows[i - g.first])
+
+    def read_group(self, g: _Group) -> Any:
+        """The image (+ decode) columns of one row group, cached (LRU of ``cache_row_groups``)."""
+        import pyarrow.parquet as pq
+
+        key = (g.file, g.row_group)
+        with self._lock:
+            tab = self._cache.get(key)
+            if tab is not None:
+                self._cache.move_to_end(key)
+                return tab
+        with self.store.open_read(self._keys[g.file]) as fh:
+            tab = pq.ParquetFile(fh).read_row_group(g.row_group, columns=[IMAGE, *DECODE_COLUMNS])
+        with self._lock:
+            self._cache[key] = tab
+            while len(self._cache) > self.cache_row_groups:
+                self._cache.popitem(last=False)
+        return tab
+
+    def row(self, i: int, image: np.ndarray) -> dict[str, Any]:
+        out: dict[str, Any] = {IMAGE: image}
+        for c, arr in self.meta.items():
+            out[c] = arr[i]
+        return out
+
+    def image_of(self, tab: Any, pos: int) -> np.ndarray:
+        img = decode_images_any_shape(tab.slice(pos, 1), float_line_integral=self.float_line_integral)[0]
+        return np.array(img)  # own, writable copy (torch dislikes read-only Arrow views)
+
+    def group_images(self, g: _Group) -> np.ndarray | list[np.ndarray]:
+        tab = self.read_group(g).take(g.rows)
+        return decode_images_any_shape(tab, float_line_integral=self.float_line_integral)
+
+
+def read_metadata(
+    url: str | Store,
+    columns: Sequence[str] | str | None = "all",
+    *,
+    filter: FilterSpec | None = None,  # noqa: A002
+    volume_ids: Iterable[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Metadata columns of every committed row (no pixels read; pyarrow only), as numpy arrays in
+    dataset order -- e.g. label statistics before training. Same columns/filter rules as the torch
+    datasets (``filter``: dict or ``pyarrow.compute.Expression``)."""
+    index = _DrrIndex(url, columns, filter, volume_ids, False, storage_options, 1)
+    return dict(index.meta)
+
+
+def _filter_mask(table: Any, expr: Any) -> np.ndarray:
+    """Boolean row mask of ``table.filter(expr)`` (expression evaluated on the table)."""
+    import pyarrow as pa
+
+    idx = pa.table({"__row": pa.array(np.arange(table.num_rows))})
+    for name in table.column_names:
+        idx = idx.append_column(name, table.column(name))
+    kept = np.asarray(idx.filter(expr).column("__row").to_numpy(zero_copy_only=False), np.int64)
+    mask = np.zeros(table.num_rows, bool)
+    mask[kept] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PyTorch datasets (torch imported on first use: Ray Data workers that only decode never import it)
+
+_TORCH_CLASSES = ("DrrTorchDataset", "DrrIterableDataset", "RowGroupSampler")
+
+
+def _to_torch_row(row: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    img = row[IMAGE]
+    row[IMAGE] = torch.from_numpy(img) if isinstance(img, np.ndarray) else img
+    return row
+
+
+def _define_torch_classes() -> None:
+    import torch
+    from torch.utils.data import Dataset, IterableDataset, Sampler
+
+    class DrrTorchDataset(Dataset):
+        """Map-style PyTorch dataset over a drrfarm dataset's committed Parquet shards (pyarrow only, no Ray).
+
+        ``ds[i]`` is a dict: ``image`` (H, W) torch tensor (stored dtype, or float32 with
+        ``float_line_integral``), metadata as numpy scalars/arrays and ``str`` (see
+        :mod:`drrfarm.data`); ``torch.utils.data.default_collate`` batches it. Metadata of every row is
+        read and decoded once at construction (no pixels); images are read one row group at a time,
+        with an LRU cache of ``cache_row_groups`` row groups -- shuffle with :meth:`sampler` (random
+        row-group order, random order inside each) rather than a fully random permutation, which would
+        read one row group per image. ``volume_ids`` keeps those volumes only (see :func:`volume_split`).
+        """
+
+        def __init__(
+            self,
+            url: str | Store,
+            columns: Sequence[str] | str | None = "all",
+            *,
+            filter: FilterSpec | None = None,  # noqa: A002
+            volume_ids: Iterable[str] | None = None,
+            float_line_integral: bool = False,
+            storage_options: Mapping[str, Any] | None = None,
+            transform: Any = None,
+            cache_row_groups: int = 2,
+        ) -> None:
+            self.index = _DrrIndex(url, columns, filter, volume_ids, float_line_integral, storage_options,
+                                   cache_row_groups)
+            self.transform = transform
+
+        def __len__(self) -> int:
+            return self.index.n
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            g, pos = self.index.locate(int(i))
+            img = self.index.image_of(self.index.read_group(g), pos)
+            row = _to_torch_row(self.index.row(int(i) % self.index.n, img))
+            return self.transform(row) if self.transform is not None else row
+
+        @property
+        def file_metadata(self) -> dict[str, str]:
+            return dict(self.index.file_metadata)
+
+        def metadata(self, column: str) -> np.ndarray:
+            """One metadata column for every row (numpy; see the module doc), without reading pixels."""
+            return self.index.meta[column]
+
+        def sampler(self, shuffle: bool = True, seed: int = 0) -> RowGroupSampler:
+            """A sampler visiting row groups one at a time (shuffled per epoch with ``shuffle``)."""
+            return RowGroupSampler(self, shuffle=shuffle, seed=seed)
+
+    class RowGroupSampler(Sampler):
+        """Indices of a :class:`DrrTorchDataset` grouped by row group: row groups in random order, rows
+        in random order inside each (``shuffle``), so the dataset's row-group cache is hit. Call
+        :meth:`set_epoch` for a new order each epoch (seeded by ``seed`` and the epoch)."""
+
+        def __init__(self, dataset: DrrTorchDataset, shuffle: bool = True, seed: int = 0) -> None:
+            self.index = dataset.index
+            self.shuffle = shuffle
+            self.seed = int(seed)
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __len__(self) -> int:
+            return self.index.n
+
+        def __iter__(self) -> Iterator[int]:
+            groups = list(range(len(self.index.groups)))
+            rng = np.random.default_rng([self.seed, self.epoch])
+            if self.shuffle:
+                rng.shuffle(groups)
+            for gi in groups:
+                g = self.index.groups[gi]
+                order = np.arange(len(g.rows))
+                if self.shuffle:
+                    rng.shuffle(order)
+                yield from (g.first + int(k) for k in order)
+
+    class DrrIterableDataset(IterableDataset):
+        """Iterable PyTorch dataset streaming a drrfarm dataset row group by row group (pyarrow only).
+
+        Row groups are split round-robin across distributed ranks (``rank``/``world_size``, default
+        from ``torch.distributed`` when initialised) and then across DataLoader workers, so each row is
+        served once per epoch overall. With ``shuffle``, row-group order and row order inside each group
+        are shuffled, seeded by ``seed`` and the epoch (:meth:`set_epoch`). Items are the same dicts as
+        :class:`DrrTorchDataset`'s.
+        """
+
+        def __init__(
+            self,
+            url: str | Store,
+            columns: Sequence[str] | str | None = "all",
+            *,
+            filter: FilterSpec | None = None,  # noqa: A002
+            volume_ids: Iterable[str] | None = None,
+            float_line_integral: bool = False,
+            storage_options: Mapping[str, Any] | None = None,
+            transform: Any = None,
+            shuffle: bool = False,
+            seed: int = 0,
+            rank: int | None = None,
+            world_size: int | None = None,
+        ) -> None:
+            self.index = _DrrIndex(url, columns, filter, volume_ids, float_line_integral, storage_options, 1)
+            self.transform = transform
+            self.shuffle = shuffle
+            self.seed = int(seed)
+            self.epoch = 0
+            self.rank = rank
+            self.world_size = world_size
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __len__(self) -> int:  # rows over all ranks/workers (a hint for progress bars)
+            return self.index.n
+
+        def _my_groups(self) -> list[int]:
+            rank, world = self.rank, self.world_size
+            if rank is None or world is None:
+                dist = torch.distributed
+                if dist.is_available() and dist.is_initialized():
+                    rank, world = dist.get_rank(), dist.get_world_size()
+                else:
+                    rank, world = 0, 1
+            info = torch.utils.data.get_worker_info()
+            wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+            order = list(range(len(self.index.groups)))
+            rng = np.random.default_rng([self.seed, self.epoch])
+            if self.shuffle:
+                rng.shuffle(order)
+            return order[rank * nw + wid :: world * nw]
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            rng = np.random.default_rng([self.seed, self.epoch, 1 + (self.rank or 0)])
+            for gi in self._my_groups():
+                g = self.index.groups[gi]
+                imgs = self.index.group_images(g)
+                order = np.arange(len(g.rows))
+                if self.shuffle:
+                    rng.shuffle(order)
+                for k in order:
+                    row = _to_torch_row(self.index.row(g.first + int(k), np.array(imgs[int(k)])))
+                    yield self.transform(row) if self.transform is not None else row
+
+    for cls in (DrrTorchDataset, DrrIterableDataset, RowGroupSampler):
+        cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
+        globals()[cls.__name__] = cls
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_CLASSES:
+        _define_torch_classes()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DECODE_COLUMNS",
+    "IMAGE",
+    "VECTOR_SHAPES",
+    "DrrIterableDataset",  # noqa: F822 - defined on first access (module __getattr__)
+    "DrrTorchDataset",  # noqa: F822 - defined on first access (module __getattr__)
+    "RowGroupSampler",  # noqa: F822 - defined on first access (module __getattr__)
+    "column_to_numpy",
+    "dataset_info",
+    "dataset_volume_ids",
+    "decode_table",
+    "open_dataset_store",
+    "read_drrs",
+    "read_metadata",
+    "split_by_volume",
+    "volume_split",
+]
