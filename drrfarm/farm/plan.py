@@ -1,0 +1,326 @@
+"""Planner: deterministic expansion of a :class:`~drrfarm.farm.spec.SweepSpec` into shards.
+
+Images are enumerated volume-major: ``for volume: for spectrum: for photons: for pose``; the
+global image index is the position in that order. Each (volume, spectrum, photons) group's poses
+are cut into chunks of ``output.shard_size``; each chunk is a shard, numbered in the same order.
+
+* shard id: ``<sweep_id>-<shard index:06d>`` where ``sweep_id`` is the first 12 hex digits of the
+  spec's content hash (so ids are stable across runs, machines and ``--output`` overrides);
+* image seed: 63 bits of ``SeedSequence(seed, spawn_key=(0, image_index))`` — independent of the
+  shard layout, the actor and the attempt, so a re-render reproduces the image bit for bit;
+* random poses: drawn once from ``PCG64(SeedSequence(poses.seed))`` (or, without ``poses.seed``,
+  ``SeedSequence(seed, spawn_key=(1,))``), axis by axis in the order alpha, beta, gamma, sdd,
+  sid, then the isocentre jitter; the C-arm grid is the product of the fixed-value axes (alpha
+  outermost) with ``samples`` random draws per grid point (innermost).
+
+Everything here is pure NumPy: no Ray, no I/O beyond what :mod:`spec` already read.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from drrfarm.errors import SpecError
+from drrfarm.farm.spec import CARM_AXES, AxisSpec, SweepSpec
+
+_DTYPE_BYTES = {"uint16": 2, "float16": 2, "float32": 4}
+_ROW_METADATA_BYTES = 1024  # per image: camera, spectrum, ids (Parquet columns or PNG JSON sidecar)
+
+
+def image_seed(global_seed: int, image_index: int) -> int:
+    """Deterministic 63-bit noise seed of one image."""
+    state = np.random.SeedSequence(int(global_seed), spawn_key=(0, int(image_index))).generate_state(2, np.uint32)
+    return ((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1)
+
+
+def pose_seed_sequence(spec: SweepSpec) -> np.random.SeedSequence:
+    """The seed sequence random poses are drawn from."""
+    if spec.poses.seed is not None:
+        return np.random.SeedSequence(int(spec.poses.seed))
+    return np.random.SeedSequence(int(spec.seed), spawn_key=(1,))
+
+
+def shard_id(sweep_id: str, index: int) -> str:
+    """Stable shard id: ``<sweep_id>-<index:06d>``."""
+    return f"{sweep_id}-{index:06d}"
+
+
+@dataclass(frozen=True)
+class Pose:
+    """One pose: C-arm parameters (``kind == "carm"``) or an explicit 3x4 ``P`` (row-major)."""
+
+    index: int
+    kind: str
+    alpha_deg: float = 0.0
+    beta_deg: float = 0.0
+    gamma_deg: float = 0.0
+    sdd_mm: float | None = None
+    sid_mm: float | None = None
+    isocentre_world_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    P: tuple[float, ...] | None = None  # noqa: N815 (contract name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"pose_index": self.index, "kind": self.kind}
+        if self.kind == "carm":
+            d.update(alpha_deg=self.alpha_deg, beta_deg=self.beta_deg, gamma_deg=self.gamma_deg,
+                     sdd_mm=self.sdd_mm, sid_mm=self.sid_mm, isocentre_world_mm=list(self.isocentre_world_mm))
+        else:
+            d["P"] = list(self.P or ())
+        return d
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard: a volume, a spectrum, a photon setting and a contiguous chunk of poses."""
+
+    index: int
+    shard_id: str
+    volume_index: int
+    spectrum_index: int
+    photons_index: int
+    pose_start: int
+    pose_stop: int
+    first_image_index: int
+
+    @property
+    def n_images(self) -> int:
+        return self.pose_stop - self.pose_start
+
+    @property
+    def image_indices(self) -> range:
+        return range(self.first_image_index, self.first_image_index + self.n_images)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """A self-contained work order for a render actor (small: poses and seeds, no pixels)."""
+
+    shard_id: str
+    shard_index: int
+    sweep_id: str
+    volume_index: int
+    spectrum_index: int
+    photons_index: int
+    poses: tuple[Pose, ...]
+    image_indices: tuple[int, ...]
+    seeds: tuple[int, ...]
+    attempt: int = 0
+
+    @property
+    def n_images(self) -> int:
+        return len(self.poses)
+
+
+class PoseTable:
+    """All poses of a sweep as arrays (N,) / (N, 3) / (N, 12); :meth:`pose` builds one :class:`Pose`."""
+
+    def __init__(self, kind: str, n: int, arrays: dict[str, np.ndarray]) -> None:
+        self.kind = kind
+        self.n = n
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return self.n
+
+    def pose(self, i: int) -> Pose:
+        a = self.arrays
+        if self.kind == "explicit":
+            return Pose(index=i, kind="explicit", P=tuple(float(x) for x in a["P"][i]))
+        return Pose(index=i, kind="carm", alpha_deg=float(a["alpha_deg"][i]), beta_deg=float(a["beta_deg"][i]),
+                    gamma_deg=float(a["gamma_deg"][i]), sdd_mm=float(a["sdd_mm"][i]), sid_mm=float(a["sid_mm"][i]),
+                    isocentre_world_mm=tuple(float(x) for x in a["isocentre_world_mm"][i]))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Pose]:
+        return (self.pose(i) for i in range(self.n))
+
+
+def _draw(axis: AxisSpec, rng: np.random.Generator, n: int) -> np.ndarray:
+    if axis.kind == "uniform":
+        return rng.uniform(axis.low, axis.high, n)
+    x = rng.normal(axis.mean, axis.std, n)
+    if axis.clip is not None:
+        x = np.clip(x, axis.clip[0], axis.clip[1])
+    return x
+
+
+def expand_poses(spec: SweepSpec) -> PoseTable:
+    """All poses of ``spec`` (shared by every volume, spectrum and photon setting)."""
+    src = spec.source
+    if spec.poses.explicit is not None:
+        mats = np.asarray(spec.poses.explicit.matrices, dtype=np.float64).reshape(-1, 12)
+        return PoseTable("explicit", len(mats), {"P": mats})
+    carm = spec.poses.carm
+    assert carm is not None
+    fixed = [(name, carm.axis(name)) for name in CARM_AXES if not carm.axis(name).is_random]
+    grid = list(itertools.product(*[ax.values for _, ax in fixed]))
+    n = len(grid) * carm.samples
+    arrays: dict[str, np.ndarray] = {}
+    grid_arr = np.asarray(grid, dtype=np.float64).reshape(len(grid), len(fixed))
+    for col, (name, _) in enumerate(fixed):
+        arrays[name] = np.repeat(grid_arr[:, col], carm.samples)
+    rng = np.random.Generator(np.random.PCG64(pose_seed_sequence(spec)))
+    for name in CARM_AXES:
+        ax = carm.axis(name)
+        if ax.is_random:
+            arrays[name] = _draw(ax, rng, n)
+    iso = np.broadcast_to(np.asarray(carm.isocentre_mm, dtype=np.float64), (n, 3)).copy()
+    jit = np.asarray(carm.iso_jitter_mm, dtype=np.float64)
+    if np.any(jit > 0):
+        iso += rng.uniform(-jit, jit, (n, 3))
+    arrays["isocentre_world_mm"] = iso
+    bad = np.nonzero(arrays["sid_mm"] >= arrays["sdd_mm"])[0]
+    if bad.size:
+        i = int(bad[0])
+        raise SpecError(f"{src}: poses.carm.sid_mm: pose {i} has sid_mm {arrays['sid_mm'][i]:g} >= sdd_mm "
+                        f"{arrays['sdd_mm'][i]:g}; the isocentre must lie between source and detector")
+    return PoseTable("carm", n, arrays)
+
+
+class Plan:
+    """The expanded sweep: poses, shards, counts. Build with :func:`make_plan`."""
+
+    def __init__(self, spec: SweepSpec, poses: PoseTable, shards: list[ShardPlan]) -> None:
+        self.spec = spec
+        self.poses = poses
+        self.shards = shards
+        self.spec_sha256 = spec.sha256
+        self.sweep_id = spec.sweep_id
+        self._by_id = {s.shard_id: s for s in shards}
+
+    # -- counts ----------------------------------------------------------------------------------
+    @property
+    def n_volumes(self) -> int:
+        return len(self.spec.volumes)
+
+    @property
+    def n_poses(self) -> int:
+        return len(self.poses)
+
+    @property
+    def n_spectra(self) -> int:
+        return len(self.spec.spectra.items)
+
+    @property
+    def n_photons(self) -> int:
+        return len(self.spec.detector.photons)
+
+    @property
+    def n_images(self) -> int:
+        return self.n_volumes * self.n_spectra * self.n_photons * self.n_poses
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    def estimated_bytes(self) -> int:
+        """Upper estimate of the output size (uncompressed pixels plus per-image metadata)."""
+        img = self.spec.image
+        px = img.height * img.width
+        per_image = 0
+        for fmt in self.spec.output.formats:
+            if fmt == "parquet":
+                per_image += px * _DTYPE_BYTES[self.spec.output.image_dtype] + _ROW_METADATA_BYTES
+            else:  # 16-bit PNG + JSON sidecar
+                per_image += px * 2 + 2 * _ROW_METADATA_BYTES
+        return per_image * self.n_images
+
+    # -- shards ------------------------------------------------------------------------------------
+    def shard(self, shard_id_or_index: str | int) -> ShardPlan:
+        if isinstance(shard_id_or_index, int):
+            return self.shards[shard_id_or_index]
+        try:
+            return self._by_id[shard_id_or_index]
+        except KeyError:
+            raise KeyError(f"no shard {shard_id_or_index!r} in sweep {self.sweep_id}") from None
+
+    def shard_ids(self) -> list[str]:
+        return [s.shard_id for s in self.shards]
+
+    def task(self, shard: ShardPlan | str | int, attempt: int = 0) -> ShardTask:
+        """The work order of one shard (poses and seeds resolved)."""
+        s = shard if isinstance(shard, ShardPlan) else self.shard(shard)
+        idx = tuple(s.image_indices)
+        return ShardTask(
+            shard_id=s.shard_id, shard_index=s.index, sweep_id=self.sweep_id, volume_index=s.volume_index,
+            spectrum_index=s.spectrum_index, photons_index=s.photons_index,
+            poses=tuple(self.poses.pose(i) for i in range(s.pose_start, s.pose_stop)),
+            image_indices=idx, seeds=tuple(image_seed(self.spec.seed, i) for i in idx), attempt=attempt)
+
+    def images_in(self, shard_ids: list[str] | set[str]) -> int:
+        return sum(self._by_id[s].n_images for s in shard_ids if s in self._by_id)
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        return {"volumes": self.n_volumes, "poses": self.n_poses, "spectra": self.n_spectra,
+                "photon_settings": self.n_photons, "images": self.n_images, "shards": self.n_shards,
+                "estimated_bytes": self.estimated_bytes()}
+
+    def describe(self) -> str:
+        """Human-readable plan (what ``drrfarm plan`` prints)."""
+        spec = self.spec
+        lines = [f"spec:      {spec.source}",
+                 f"sha256:    {self.spec_sha256}",
+                 f"sweep id:  {self.sweep_id}"]
+        if spec.name:
+            lines.append(f"name:      {spec.name}")
+        lines.append(f"volumes:   {self.n_volumes}")
+        for v in spec.volumes:
+            mat = ("thresholds " + ", ".join(f"{m}<={t:g}" for t, m in v.materials.thresholds_hu)
+                   + f", {v.materials.above} above") if v.materials.method == "thresholds" else \
+                f"labels {v.materials.label_map}"
+            lines.append(f"  - {v.id}: {v.path}  [{mat}; {v.placement.orientation}]")
+        if spec.poses.carm is not None:
+            c = spec.poses.carm
+            axes = ", ".join(f"{a} {c.axis(a).describe()}" for a in CARM_AXES)
+            extra = f"; {c.samples} samples per grid point" if c.samples > 1 else ""
+            jit = f"; isocentre jitter ±{list(c.iso_jitter_mm)} mm" if any(c.iso_jitter_mm) else ""
+            lines.append(f"poses:     {self.n_poses}  (C-arm: {axes}{extra}{jit})")
+        else:
+            lines.append(f"poses:     {self.n_poses}  (explicit projection matrices)")
+        names = ", ".join(s.name for s in spec.spectra.items)
+        rebin = f"; rebinned to {spec.spectra.n_bins} bins" if spec.spectra.n_bins else ""
+        lines.append(f"spectra:   {self.n_spectra}  ({names}{rebin})")
+        ph = ", ".join("noiseless" if p is None else f"{p:g}" for p in spec.detector.photons)
+        lines.append(f"photons:   {self.n_photons}  ({ph}); detector {spec.detector.model}, "
+                     f"output {spec.detector.output}")
+        lines.append(f"image:     {spec.image.height} x {spec.image.width} px @ {spec.image.pixel_mm:g} mm")
+        lines.append(f"images:    {self.n_images}  ({self.n_volumes} volumes x {self.n_spectra} spectra x "
+                     f"{self.n_photons} photon settings x {self.n_poses} poses)")
+        lines.append(f"shards:    {self.n_shards}  (up to {spec.output.shard_size} images each)")
+        lines.append(f"output:    {spec.output.url}  [{', '.join(spec.output.formats)}; "
+                     f"{spec.output.image_dtype}]")
+        lines.append(f"bytes:     ~{format_bytes(self.estimated_bytes())} (upper estimate, uncompressed)")
+        return "\n".join(lines)
+
+
+def make_plan(spec: SweepSpec) -> Plan:
+    """Expand ``spec`` into poses and shards (deterministic)."""
+    poses = expand_poses(spec)
+    size = spec.output.shard_size
+    shards: list[ShardPlan] = []
+    image = 0
+    sweep = spec.sweep_id
+    for v in range(len(spec.volumes)):
+        for s in range(len(spec.spectra.items)):
+            for p in range(len(spec.detector.photons)):
+                for start in range(0, len(poses), size):
+                    stop = min(start + size, len(poses))
+                    index = len(shards)
+                    shards.append(ShardPlan(index=index, shard_id=shard_id(sweep, index), volume_index=v,
+                                            spectrum_index=s, photons_index=p, pose_start=start, pose_stop=stop,
+                                            first_image_index=image))
+                    image += stop - start
+    return Plan(spec, poses, shards)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} PB"

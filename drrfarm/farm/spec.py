@@ -1,0 +1,1063 @@
+"""Sweep spec: a YAML file describing a DRR dataset, validated into frozen dataclasses.
+
+A spec names the CT volumes, the pose distribution, the spectra and detector settings to sweep,
+the image geometry, the output location and a global seed (see ``jobs/specs/example.yaml`` for
+every key). :func:`load_spec` reads it with ``yaml.safe_load`` (duplicate keys rejected) and
+validates every key; any problem raises :class:`~drrfarm.errors.SpecError` naming the file, the
+key path (``poses.carm.alpha_deg.range[1]``) and the reason.
+
+Content hash
+------------
+:attr:`SweepSpec.sha256` is the sha256 of a canonical JSON (sorted keys, no whitespace, numbers
+already normalised to float/int by validation) of :meth:`SweepSpec.content_dict`: everything that
+determines *which images exist and what their pixels are* — volumes (paths as written, materials,
+placement), poses, spectra, detector/noise, image, physics, output layout (formats, shard size,
+image dtype) and the seed. It deliberately excludes *where and how* a sweep runs: ``output.url``
+(so ``--output`` moves a dataset without changing its identity), ``tracking``, ``backend``,
+``farm`` and ``name``. Shard ids and the sweep id are derived from this hash, so resume works
+across output overrides and execution settings, and any change to the content starts a new sweep.
+Volume paths are hashed as written (not resolved), so the same spec file gives the same hash from
+any working directory (``ray job submit --working-dir`` included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from drrfarm.errors import SpecError
+
+SPEC_VERSION = 1
+
+ORIENTATIONS = ("HFS", "FFS", "HFP", "FFP")  # drrfarm.geometry.ORIENTATIONS
+KVP_RANGE = (40.0, 150.0)  # drrfarm.spectrum.KVP_RANGE
+MONO_RANGE_KEV = (1.0, 800.0)  # drrfarm.spectrum.MONO_RANGE_KEV
+DETECTOR_MODELS = ("ideal", "photon_counting", "csi")
+OUTPUT_TRANSFORMS = ("line_integral", "transmission", "intensity", "neglog")
+PHYSICS_METHODS = ("trilinear", "joseph")
+BACKENDS = ("auto", "cpu", "cuda")
+FORMATS = ("parquet", "png")
+IMAGE_DTYPES = ("uint16", "float16", "float32")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SAMPLE_RE = re.compile(r"^sample:([a-z][a-z0-9_]*)$")
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+# ----------------------------------------------------------------------------------------------
+# dataclasses
+
+
+@dataclass(frozen=True)
+class MaterialsSpec:
+    """How a volume is split into materials: HU thresholds, or a label map plus a label table.
+
+    ``thresholds_hu``: increasing ``(upper_hu, material)`` pairs; voxels above the last one get
+    ``above``. ``label_map``: path/URL of a label volume on the CT grid; ``table``: inline
+    ``((label, material), ...)`` or the path of a ``label,material`` CSV.
+    """
+
+    method: str = "thresholds"  # "thresholds" | "labels"
+    thresholds_hu: tuple[tuple[float, str], ...] = ((-800.0, "air"), (350.0, "soft_tissue"))
+    above: str = "bone"
+    label_map: str | None = None
+    label_map_resolved: str | None = None
+    table: tuple[tuple[int, str], ...] | None = None
+    table_path: str | None = None
+    table_path_resolved: str | None = None
+    default: str | None = None  # material for labels missing from the table (None: error)
+
+    def material_names(self) -> list[str]:
+        """Every material name the spec mentions (for preflight checks)."""
+        if self.method == "thresholds":
+            return [m for _, m in self.thresholds_hu] + [self.above]
+        return [m for _, m in (self.table or ())] + ([self.default] if self.default else [])
+
+    def content(self) -> dict[str, Any]:
+        if self.method == "thresholds":
+            return {"method": "thresholds", "thresholds_hu": [list(t) for t in self.thresholds_hu],
+                    "above": self.above}
+        return {"method": "labels", "label_map": self.label_map,
+                "table": [list(t) for t in self.table] if self.table is not None else None,
+                "table_path": self.table_path, "default": self.default}
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    """Patient placement: orientation on the table (HFS, FFS, HFP, FFP) and the offset (world mm)
+    of the CT's centre from the isocentre (``world_from_patient_default(..., isocentre_world_mm=offset)``)."""
+
+    orientation: str = "HFS"
+    offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """One CT volume of the sweep.
+
+    ``path`` is as written in the spec (hashed); ``resolved`` is what to open: an absolute local
+    path, an fsspec URL (``s3://...``) or ``sample:<name>`` (a :mod:`drrfarm.samples` dataset).
+    ``relpath`` is ``resolved`` relative to the driver's working directory (or None), which a
+    worker tries when ``resolved`` does not exist on its node (Ray job ``working_dir`` uploads).
+    """
+
+    id: str
+    path: str
+    resolved: str
+    relpath: str | None = None
+    materials: MaterialsSpec = field(default_factory=MaterialsSpec)
+    placement: PlacementSpec = field(default_factory=PlacementSpec)
+
+    def content(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "materials": self.materials.content(),
+                "placement": {"orientation": self.placement.orientation,
+                              "offset_mm": list(self.placement.offset_mm)}}
+
+
+@dataclass(frozen=True)
+class AxisSpec:
+    """One pose parameter: fixed values (a grid axis) or a random distribution.
+
+    ``kind`` is ``"values"`` (``values`` holds the grid points), ``"uniform"`` (``low``, ``high``)
+    or ``"normal"`` (``mean``, ``std``, optional ``clip``).
+    """
+
+    kind: str
+    values: tuple[float, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+    mean: float = 0.0
+    std: float = 0.0
+    clip: tuple[float, float] | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind != "values"
+
+    def describe(self) -> str:
+        if self.kind == "values":
+            if len(self.values) == 1:
+                return f"{self.values[0]:g}"
+            return f"{len(self.values)} values [{min(self.values):g}..{max(self.values):g}]"
+        if self.kind == "uniform":
+            return f"uniform[{self.low:g}, {self.high:g}]"
+        clip = f" clipped to [{self.clip[0]:g}, {self.clip[1]:g}]" if self.clip else ""
+        return f"normal(mean {self.mean:g}, std {self.std:g}){clip}"
+
+    def content(self) -> dict[str, Any]:
+        if self.kind == "values":
+            return {"values": list(self.values)}
+        if self.kind == "uniform":
+            return {"uniform": [self.low, self.high]}
+        return {"normal": {"mean": self.mean, "std": self.std,
+                           "clip": list(self.clip) if self.clip else None}}
+
+
+CARM_AXES = ("alpha_deg", "beta_deg", "gamma_deg", "sdd_mm", "sid_mm")
+CARM_ALPHA_RANGE_DEG = (-40.0, 110.0)  # drrfarm.geometry.CArm defaults
+CARM_BETA_RANGE_DEG = (-225.0, 225.0)
+
+
+@dataclass(frozen=True)
+class CArmPoses:
+    """C-arm pose distribution: the grid is the product of all fixed-value axes; at each grid
+    point ``samples`` poses are drawn from the random axes and the isocentre jitter."""
+
+    alpha_deg: AxisSpec = AxisSpec("values", (0.0,))
+    beta_deg: AxisSpec = AxisSpec("values", (0.0,))
+    gamma_deg: AxisSpec = AxisSpec("values", (0.0,))
+    sdd_mm: AxisSpec = AxisSpec("values", (1020.0,))
+    sid_mm: AxisSpec = AxisSpec("values", (530.0,))
+    isocentre_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    iso_jitter_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # half-width of a uniform offset per axis
+    samples: int = 1
+    enforce_limits: bool = True  # alpha within [-40, 110], beta within [-225, 225] (the C-arm's ranges)
+
+    def axis(self, name: str) -> AxisSpec:
+        return getattr(self, name)
+
+    @property
+    def is_random(self) -> bool:
+        return any(self.axis(a).is_random for a in CARM_AXES) or any(s > 0 for s in self.iso_jitter_mm)
+
+    def content(self) -> dict[str, Any]:
+        d: dict[str, Any] = {a: self.axis(a).content() for a in CARM_AXES}
+        d.update(isocentre_mm=list(self.isocentre_mm), iso_jitter_mm=list(self.iso_jitter_mm),
+                 samples=self.samples, enforce_limits=self.enforce_limits)
+        return d
+
+
+@dataclass(frozen=True)
+class ExplicitPoses:
+    """An explicit list of 3x4 projection matrices (world mm -> pixel, pixel centres at integer
+    coordinates) for detectors of ``image.size`` and ``image.pixel_mm``; each flattened row-major."""
+
+    matrices: tuple[tuple[float, ...], ...]
+    source: str | None = None  # file the matrices came from, if any (informational)
+
+    def content(self) -> dict[str, Any]:
+        return {"matrices": [list(m) for m in self.matrices]}
+
+
+@dataclass(frozen=True)
+class PosesSpec:
+    """Exactly one of ``carm`` / ``explicit``; ``seed`` seeds random pose draws (None: derived
+    from the global seed)."""
+
+    carm: CArmPoses | None = None
+    explicit: ExplicitPoses | None = None
+    seed: int | None = None
+
+    def content(self) -> dict[str, Any]:
+        return {"carm": self.carm.content() if self.carm else None,
+                "explicit": self.explicit.content() if self.explicit else None,
+                "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class SpectrumItem:
+    """One spectrum setting. ``kind``: "preset" (``name``), "tube" (``kvp``/``al_mm``/``cu_mm``/
+    ``anode_angle_deg``) or "mono" (``energy_kev``). ``key_path`` locates it in the spec."""
+
+    kind: str
+    name: str
+    kvp: float | None = None
+    al_mm: float = 0.0
+    cu_mm: float = 0.0
+    anode_angle_deg: float = 12.0
+    energy_kev: float | None = None
+    key_path: str = "spectra"
+
+    def request(self) -> str | dict[str, float]:
+        """The argument for :func:`drrfarm.spectrum.get_spectrum`."""
+        if self.kind == "preset":
+            return self.name
+        if self.kind == "mono":
+            return f"mono:{self.energy_kev:g}"
+        return {"kvp": float(self.kvp or 0.0), "al_mm": self.al_mm, "cu_mm": self.cu_mm,
+                "anode_angle_deg": self.anode_angle_deg}
+
+    def content(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("key_path")
+        return d
+
+
+@dataclass(frozen=True)
+class SpectraSpec:
+    """Spectra to sweep, in order: presets, then the tube product (kVp x Al x Cu), then mono
+    energies. ``n_bins`` (optional) rebins each spectrum to that many energy bins (speed)."""
+
+    items: tuple[SpectrumItem, ...]
+    n_bins: int | None = None
+
+    def content(self) -> dict[str, Any]:
+        return {"items": [s.content() for s in self.items], "n_bins": self.n_bins}
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """Detector and noise: ``photons`` is the list of photon counts per pixel (unattenuated) to
+    sweep; ``None`` in it means noiseless."""
+
+    model: str = "ideal"
+    output: str = "line_integral"
+    photons: tuple[int | None, ...] = (None,)
+    electronic_noise: float = 0.0
+    solid_angle: bool = False
+    csi_thickness_mm: float = 0.6
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Detector size in pixels and pixel pitch in mm."""
+
+    height: int
+    width: int
+    pixel_mm: float
+
+
+@dataclass(frozen=True)
+class PhysicsSpec:
+    """Ray-marching options."""
+
+    step_voxels: float = 0.5
+    method: str = "trilinear"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where and how shards are written. ``url``: local path (resolved against the current
+    directory) or fsspec URL."""
+
+    url: str
+    formats: tuple[str, ...] = ("parquet",)
+    shard_size: int = 64
+    image_dtype: str = "uint16"
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    """MLflow provenance. ``tracking_uri`` None: ``MLFLOW_TRACKING_URI`` or a local store under
+    the output folder (decided by :mod:`drrfarm.tracking`)."""
+
+    enabled: bool = True
+    experiment: str = "drrfarm"
+    tracking_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class FarmSpec:
+    """Execution settings (not part of the content hash). ``actors`` None: one per GPU, or one per
+    ``cpus_per_actor`` CPUs without GPUs."""
+
+    actors: int | None = None
+    cpus_per_actor: float = 1.0
+    max_shard_retries: int = 3
+    inflight_per_actor: int = 2
+    max_actor_restarts: int = 3
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep spec. Build with :func:`load_spec` / :func:`parse_spec`."""
+
+    volumes: tuple[VolumeSpec, ...]
+    poses: PosesSpec
+    spectra: SpectraSpec
+    detector: DetectorSpec
+    image: ImageSpec
+    physics: PhysicsSpec
+    output: OutputSpec
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    farm: FarmSpec = field(default_factory=FarmSpec)
+    backend: str = "auto"
+    seed: int = 0
+    name: str | None = None
+    source: str = "<dict>"  # the file it was read from
+    raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    # -- identity ------------------------------------------------------------------------------
+    def content_dict(self) -> dict[str, Any]:
+        """The content that determines the images (what :attr:`sha256` hashes)."""
+        return {
+            "version": SPEC_VERSION,
+            "volumes": [v.content() for v in self.volumes],
+            "poses": self.poses.content(),
+            "spectra": self.spectra.content(),
+            "detector": dataclasses.asdict(self.detector),
+            "image": dataclasses.asdict(self.image),
+            "physics": dataclasses.asdict(self.physics),
+            "output": {"formats": list(self.output.formats), "shard_size": self.output.shard_size,
+                       "image_dtype": self.output.image_dtype},
+            "seed": self.seed,
+        }
+
+    @property
+    def sha256(self) -> str:
+        """sha256 (hex) of the canonical JSON of :meth:`content_dict`."""
+        return hashlib.sha256(canonical_json(self.content_dict()).encode("utf-8")).hexdigest()
+
+    @property
+    def sweep_id(self) -> str:
+        """Short stable id of the sweep: the first 12 hex digits of :attr:`sha256`."""
+        return self.sha256[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything (content plus output URL, tracking, backend, farm, name), JSON-able."""
+        d = self.content_dict()
+        d["output"]["url"] = self.output.url
+        d["tracking"] = dataclasses.asdict(self.tracking)
+        d["farm"] = dataclasses.asdict(self.farm)
+        d["backend"] = self.backend
+        d["name"] = self.name
+        d["source"] = self.source
+        return d
+
+    def with_output(self, url: str | None) -> SweepSpec:
+        """A copy writing to ``url`` instead (same content hash). None: unchanged."""
+        if url is None:
+            return self
+        return dataclasses.replace(self, output=dataclasses.replace(self.output, url=_resolve_output(url)))
+
+    def with_farm(self, **changes: Any) -> SweepSpec:
+        """A copy with execution settings changed (same content hash)."""
+        return dataclasses.replace(self, farm=dataclasses.replace(self.farm, **changes))
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, compact separators, NaN/inf refused."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML loading
+
+
+def _make_loader() -> type:
+    import yaml
+
+    class _UniqueKeyLoader(yaml.SafeLoader):
+        """SafeLoader that rejects duplicate mapping keys instead of keeping the last one."""
+
+    def _construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "unhashable mapping key", key_node.start_mark) from None
+            if key in out:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            out[key] = loader.construct_object(value_node, deep=deep)
+        return out
+
+    _UniqueKeyLoader.add_constructor(
+        yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    return _UniqueKeyLoader
+
+
+def load_spec(path: str | os.PathLike[str], output: str | None = None) -> SweepSpec:
+    """Read and validate a sweep spec YAML file; ``output`` overrides ``output.url``."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{p}: spec file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{p}: cannot read spec file: {exc}") from None
+    try:
+        data = yaml.load(text, Loader=_make_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{p}: invalid YAML{where}: {problem}") from None
+    return parse_spec(data, source=str(p), base_dir=p.resolve().parent, output=output)
+
+
+def parse_spec(data: Any, source: str = "<dict>", base_dir: str | os.PathLike[str] | None = None,
+               output: str | None = None) -> SweepSpec:
+    """Validate an already-parsed mapping. Relative volume paths resolve against ``base_dir``
+    (default: the current directory); the output URL against the current directory."""
+    v = _Validator(source, Path(base_dir) if base_dir is not None else Path.cwd())
+    spec = v.spec(data)
+    return spec.with_output(output)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _typename(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+            dict: "mapping"}.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _resolve_output(url: str) -> str:
+    if _URL_RE.match(url):
+        if url.startswith("file://"):
+            return "file://" + os.path.abspath(url[len("file://"):])
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+class _Validator:
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source = source
+        self.base_dir = base_dir
+
+    # -- primitives --------------------------------------------------------------------------
+    def fail(self, path: str, reason: str) -> NoReturn:
+        raise SpecError(f"{self.source}: {path or '<top level>'}: {reason}")
+
+    def mapping(self, value: Any, path: str, allowed: Iterable[str], required: Iterable[str] = ()
+                ) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(path, f"must be a mapping, got {_typename(value)} {_show(value)}")
+        allowed = list(allowed)
+        for key in value:
+            if not isinstance(key, str):
+                self.fail(_join(path, str(key)), f"keys must be strings, got {_typename(key)} {key!r}")
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(allowed)})"
+                self.fail(_join(path, key), f"unknown key{hint}")
+        for key in required:
+            if key not in value:
+                self.fail(_join(path, key), "required key is missing")
+        return value
+
+    def number(self, value: Any, path: str, *, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False, hi_open: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint = ""
+            if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+                hint = " (YAML reads exponent numbers without a '.' as text; write e.g. 1.0e3)"
+            self.fail(path, f"must be a number, got {_typename(value)} {_show(value)}{hint}")
+        x = float(value)
+        if not math.isfinite(x):
+            self.fail(path, f"must be finite, got {value}")
+        if lo is not None and (x < lo or (lo_open and x == lo)):
+            self.fail(path, f"must be {'>' if lo_open else '>='} {lo:g}, got {value:g}")
+        if hi is not None and (x > hi or (hi_open and x == hi)):
+            self.fail(path, f"must be {'<' if hi_open else '<='} {hi:g}, got {value:g}")
+        return x
+
+    def integer(self, value: Any, path: str, *, lo: int | None = None, hi: int | None = None) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(path, f"must be an integer, got {_typename(value)} {_show(value)}")
+        if lo is not None and value < lo:
+            self.fail(path, f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            self.fail(path, f"must be <= {hi}, got {value}")
+        return int(value)
+
+    def string(self, value: Any, path: str, *, nonempty: bool = True) -> str:
+        if not isinstance(value, str):
+            self.fail(path, f"must be a string, got {_typename(value)} {_show(value)}")
+        if nonempty and not value.strip():
+            self.fail(path, "must not be empty")
+        return value
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"must be true or false, got {_typename(value)} {_show(value)}")
+        return value
+
+    def choice(self, value: Any, path: str, choices: Iterable[str]) -> str:
+        choices = tuple(choices)
+        s = self.string(value, path)
+        if s not in choices:
+            self.fail(path, f"must be one of {', '.join(choices)}; got {s!r}")
+        return s
+
+    def seq(self, value: Any, path: str, *, min_len: int = 1, max_len: int | None = None) -> list[Any]:
+        if not isinstance(value, list):
+            self.fail(path, f"must be a list, got {_typename(value)} {_show(value)}")
+        if len(value) < min_len:
+            self.fail(path, f"must have at least {min_len} item{'s' if min_len != 1 else ''}")
+        if max_len is not None and len(value) > max_len:
+            self.fail(path, f"must have at most {max_len} items, got {len(value)}")
+        return value
+
+    def vec3(self, value: Any, path: str, *, lo: float | None = None) -> tuple[float, float, float]:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            x = self.number(value, path, lo=lo)
+            return (x, x, x)
+        items = self.seq(value, path, min_len=3, max_len=3)
+        a, b, c = (self.number(x, _join(path, i), lo=lo) for i, x in enumerate(items))
+        return (a, b, c)
+
+    def as_list(self, value: Any) -> list[Any]:
+        return value if isinstance(value, list) else [value]
+
+    def resolve_path(self, text: str) -> tuple[str, str | None]:
+        """(resolved path/URL, path relative to cwd or None) of a volume-ish input."""
+        if _SAMPLE_RE.match(text) or _URL_RE.match(text):
+            if text.startswith("file://"):
+                local = text[len("file://"):]
+                p = Path(local) if os.path.isabs(local) else self.base_dir / local
+                return str(p.resolve()), _relpath(p)
+            return text, None
+        p = Path(os.path.expanduser(text))
+        if not p.is_absolute():
+            p = self.base_dir / p
+        p = Path(os.path.normpath(p))
+        return str(p), _relpath(p)
+
+    # -- sections ------------------------------------------------------------------------------
+    def spec(self, data: Any) -> SweepSpec:
+        if data is None:
+            self.fail("", "the spec is empty")
+        top = self.mapping(
+            data, "",
+            ["version", "name", "seed", "volumes", "poses", "spectra", "detector", "image", "physics",
+             "backend", "output", "tracking", "farm"],
+            required=["volumes", "poses", "spectra", "image", "output"])
+        if "version" in top:
+            version = self.integer(top["version"], "version")
+            if version != SPEC_VERSION:
+                self.fail("version", f"unsupported spec version {version} (this drrfarm reads {SPEC_VERSION})")
+        name = self.string(top["name"], "name") if top.get("name") is not None else None
+        seed = self.integer(top.get("seed", 0), "seed", lo=0, hi=2**63 - 1)
+        volumes = self.volumes(top["volumes"], "volumes")
+        image = self.image(top["image"], "image")
+        poses = self.poses(top["poses"], "poses")
+        spectra = self.spectra(top["spectra"], "spectra")
+        detector = self.detector(top.get("detector", {}), "detector")
+        physics = self.physics(top.get("physics", {}), "physics")
+        backend = self.choice(top.get("backend", "auto"), "backend", BACKENDS)
+        output = self.output(top["output"], "output")
+        tracking = self.tracking(top.get("tracking", {}), "tracking")
+        farm = self.farm(top.get("farm", {}), "farm")
+        return SweepSpec(volumes=volumes, poses=poses, spectra=spectra, detector=detector, image=image,
+                         physics=physics, output=output, tracking=tracking, farm=farm, backend=backend,
+                         seed=seed, name=name, source=self.source, raw=data)
+
+    def volumes(self, value: Any, path: str) -> tuple[VolumeSpec, ...]:
+        items = self.seq(value, path)
+        out: list[VolumeSpec] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            p = _join(path, i)
+            if isinstance(item, str):
+                item = {"path": item}
+            m = self.mapping(item, p, ["id", "path", "materials", "placement"], required=["path"])
+            raw_path = self.string(m["path"], _join(p, "path"))
+            if raw_path.startswith("sample:") and not _SAMPLE_RE.match(raw_path):
+                self.fail(_join(p, "path"), f"bad sample name {raw_path!r} (expected e.g. sample:chest_ct)")
+            resolved, rel = self.resolve_path(raw_path)
+            vid = self.string(m["id"], _join(p, "id")) if "id" in m else _default_volume_id(raw_path)
+            if not _ID_RE.match(vid):
+                self.fail(_join(p, "id"), f"volume id {vid!r} must be 1-64 characters of letters, digits, "
+                                           "'_', '.', '-' (starting with a letter or digit)")
+            if vid in seen:
+                self.fail(_join(p, "id"), f"duplicate volume id {vid!r} (also volumes[{seen[vid]}]); "
+                                           "give each volume a unique id")
+            seen[vid] = i
+            materials = self.materials(m.get("materials", {}), _join(p, "materials"))
+            placement = self.placement(m.get("placement", {}), _join(p, "placement"))
+            out.append(VolumeSpec(id=vid, path=raw_path, resolved=resolved, relpath=rel,
+                                  materials=materials, placement=placement))
+        return tuple(out)
+
+    def materials(self, value: Any, path: str) -> MaterialsSpec:
+        m = self.mapping(value, path, ["thresholds_hu", "above", "label_map", "table", "default"])
+        has_thr = "thresholds_hu" in m or "above" in m
+        has_lab = "label_map" in m or "table" in m or "default" in m
+        if has_thr and has_lab:
+            self.fail(path, "use either thresholds_hu/above or label_map/table, not both")
+        if has_lab:
+            if "label_map" not in m:
+                self.fail(_join(path, "label_map"), "required with 'table'")
+            if "table" not in m:
+                self.fail(_join(path, "table"), "required with 'label_map'")
+            label_map_raw = self.string(m["label_map"], _join(path, "label_map"))
+            label_resolved, _ = self.resolve_path(label_map_raw)
+            default = self.string(m["default"], _join(path, "default")) if m.get("default") is not None else None
+            tpath = _join(path, "table")
+            table_val = m["table"]
+            if isinstance(table_val, str):
+                resolved, _ = self.resolve_path(table_val)
+                return MaterialsSpec(method="labels", label_map=label_map_raw,
+                                     label_map_resolved=label_resolved, table=None,
+                                     table_path=table_val, table_path_resolved=resolved, default=default)
+            t = self.mapping(table_val, tpath, []) if not isinstance(table_val, dict) else table_val
+            if not t:
+                self.fail(tpath, "must map at least one label to a material")
+            rows: list[tuple[int, str]] = []
+            for key, mat in t.items():
+                kp = _join(tpath, str(key))
+                if isinstance(key, str) and re.fullmatch(r"-?\d+", key.strip()):
+                    key = int(key)
+                label = self.integer(key, kp, lo=0)
+                rows.append((label, self.string(mat, kp)))
+            rows.sort()
+            return MaterialsSpec(method="labels", label_map=label_map_raw, label_map_resolved=label_resolved,
+                                 table=tuple(rows), default=default)
+        thresholds = MaterialsSpec().thresholds_hu
+        if "thresholds_hu" in m:
+            tp = _join(path, "thresholds_hu")
+            items = self.seq(m["thresholds_hu"], tp)
+            parsed: list[tuple[float, str]] = []
+            for i, item in enumerate(items):
+                ip = _join(tp, i)
+                pair = self.seq(item, ip, min_len=2, max_len=2)
+                hu = self.number(pair[0], _join(ip, 0), lo=-2000.0, hi=40000.0)
+                name = self.string(pair[1], _join(ip, 1))
+                if parsed and hu <= parsed[-1][0]:
+                    self.fail(_join(ip, 0), f"thresholds must increase: {hu:g} <= previous {parsed[-1][0]:g}")
+                parsed.append((hu, name))
+            thresholds = tuple(parsed)
+        above = self.string(m["above"], _join(path, "above")) if "above" in m else MaterialsSpec().above
+        return MaterialsSpec(method="thresholds", thresholds_hu=thresholds, above=above)
+
+    def placement(self, value: Any, path: str) -> PlacementSpec:
+        m = self.mapping(value, path, ["orientation", "offset_mm"])
+        orientation = self.choice(m.get("orientation", "HFS"), _join(path, "orientation"), ORIENTATIONS)
+        offset = self.vec3(m.get("offset_mm", [0.0, 0.0, 0.0]), _join(path, "offset_mm"))
+        return PlacementSpec(orientation=orientation, offset_mm=offset)
+
+    def axis(self, value: Any, path: str, *, lo: float | None = None, lo_open: bool = False) -> AxisSpec:
+        kw = {"lo": lo, "lo_open": lo_open}
+        if isinstance(value, list):
+            items = self.seq(value, path)
+            vals = tuple(self.number(x, _join(path, i), **kw) for i, x in enumerate(items))
+            if len(set(vals)) != len(vals):
+                self.fail(path, "grid values must be distinct")
+            return AxisSpec("values", vals)
+        if not isinstance(value, dict):
+            return AxisSpec("values", (self.number(value, path, **kw),))
+        m = self.mapping(value, path, ["values", "range", "num", "step", "uniform", "normal"])
+        kinds = [k for k in ("values", "range", "uniform", "normal") if k in m]
+        if len(kinds) != 1:
+            self.fail(path, "give exactly one of values, range (with num or step), uniform, normal")
+        kind = kinds[0]
+        if kind != "range":
+            for extra in ("num", "step"):
+                if extra in m:
+                    self.fail(_join(path, extra), "only allowed with 'range'")
+        if kind == "values":
+            return self.axis(self.seq(m["values"], _join(path, "values")), _join(path, "values"), **kw)
+        if kind == "range":
+            rp = _join(path, "range")
+            pair = self.seq(m["range"], rp, min_len=2, max_len=2)
+            a = self.number(pair[0], _join(rp, 0), **kw)
+            b = self.number(pair[1], _join(rp, 1), **kw)
+            if b < a:
+                self.fail(_join(rp, 1), f"range end {b:g} is below its start {a:g}")
+            if ("num" in m) == ("step" in m):
+                self.fail(path, "a range needs exactly one of num or step")
+            if "num" in m:
+                n = self.integer(m["num"], _join(path, "num"), lo=1, hi=1_000_000)
+                if n == 1:
+                    if a != b:
+                        self.fail(_join(path, "num"), "num: 1 needs range [x, x]; use a fixed value instead")
+                    return AxisSpec("values", (a,))
+                if a == b:
+                    self.fail(_join(rp, 1), f"an empty range [{a:g}, {b:g}] cannot hold {n} distinct values")
+                vals = tuple(float(a + (b - a) * k / (n - 1)) for k in range(n))
+                return AxisSpec("values", vals)
+            step = self.number(m["step"], _join(path, "step"), lo=0.0, lo_open=True)
+            n = int(math.floor((b - a) / step + 1e-9)) + 1
+            if n > 1_000_000:
+                self.fail(_join(path, "step"), f"gives {n} values; at most 1000000")
+            return AxisSpec("values", tuple(float(a + k * step) for k in range(n)))
+        if kind == "uniform":
+            up = _join(path, "uniform")
+            pair = self.seq(m["uniform"], up, min_len=2, max_len=2)
+            a = self.number(pair[0], _join(up, 0), **kw)
+            b = self.number(pair[1], _join(up, 1), **kw)
+            if b <= a:
+                self.fail(_join(up, 1), f"upper bound {b:g} must exceed lower bound {a:g}")
+            return AxisSpec("uniform", low=a, high=b)
+        np_ = _join(path, "normal")
+        nm = self.mapping(m["normal"], np_, ["mean", "std", "clip"], required=["mean", "std"])
+        mean = self.number(nm["mean"], _join(np_, "mean"))
+        std = self.number(nm["std"], _join(np_, "std"), lo=0.0, lo_open=True)
+        clip = None
+        if "clip" in nm:
+            cp = _join(np_, "clip")
+            pair = self.seq(nm["clip"], cp, min_len=2, max_len=2)
+            c0 = self.number(pair[0], _join(cp, 0), **kw)
+            c1 = self.number(pair[1], _join(cp, 1), **kw)
+            if c1 <= c0:
+                self.fail(_join(cp, 1), f"upper bound {c1:g} must exceed lower bound {c0:g}")
+            clip = (c0, c1)
+        elif lo is not None:
+            self.fail(_join(np_, "clip"), f"required for this parameter (values must stay {'>' if lo_open else '>='} "
+                                          f"{lo:g}); e.g. clip: [{max(lo, mean - 3 * std):g}, {mean + 3 * std:g}]")
+        return AxisSpec("normal", mean=mean, std=std, clip=clip)
+
+    def poses(self, value: Any, path: str) -> PosesSpec:
+        m = self.mapping(value, path, ["carm", "explicit", "seed"])
+        if ("carm" in m) == ("explicit" in m):
+            self.fail(path, "give exactly one of 'carm' (C-arm pose distribution) or 'explicit' (3x4 matrices)")
+        seed = self.integer(m["seed"], _join(path, "seed"), lo=0, hi=2**63 - 1) if "seed" in m else None
+        if "carm" in m:
+            return PosesSpec(carm=self.carm(m["carm"], _join(path, "carm")), seed=seed)
+        return PosesSpec(explicit=self.explicit(m["explicit"], _join(path, "explicit")), seed=seed)
+
+    def carm(self, value: Any, path: str) -> CArmPoses:
+        m = self.mapping(value, path, [*CARM_AXES, "isocentre_mm", "iso_jitter_mm", "samples", "enforce_limits"])
+        d = CArmPoses()
+        axes: dict[str, AxisSpec] = {}
+        for name in CARM_AXES:
+            if name in m:
+                positive = name in ("sdd_mm", "sid_mm")
+                axes[name] = self.axis(m[name], _join(path, name), lo=0.0 if positive else None,
+                                       lo_open=positive)
+            else:
+                axes[name] = d.axis(name)
+        iso = self.vec3(m.get("isocentre_mm", [0.0, 0.0, 0.0]), _join(path, "isocentre_mm"))
+        jitter = self.vec3(m.get("iso_jitter_mm", 0.0), _join(path, "iso_jitter_mm"), lo=0.0)
+        samples = self.integer(m.get("samples", 1), _join(path, "samples"), lo=1, hi=10_000_000)
+        limits = self.boolean(m.get("enforce_limits", True), _join(path, "enforce_limits"))
+        carm = CArmPoses(**axes, isocentre_mm=iso, iso_jitter_mm=jitter, samples=samples, enforce_limits=limits)
+        if limits:
+            for name, (lo, hi) in (("alpha_deg", CARM_ALPHA_RANGE_DEG), ("beta_deg", CARM_BETA_RANGE_DEG)):
+                a = axes[name]
+                amin, amax = _axis_min(a), _axis_max(a)
+                if a.kind == "normal" and a.clip is None:
+                    self.fail(_join(_join(path, name), "normal"),
+                              f"add clip: [lo, hi] within the C-arm range [{lo:g}, {hi:g}] "
+                              "(or set enforce_limits: false)")
+                if amin is not None and amin < lo:
+                    self.fail(_join(path, name), f"{amin:g} is outside the C-arm range [{lo:g}, {hi:g}] "
+                                                 "(set enforce_limits: false to allow it)")
+                if amax is not None and amax > hi:
+                    self.fail(_join(path, name), f"{amax:g} is outside the C-arm range [{lo:g}, {hi:g}] "
+                                                 "(set enforce_limits: false to allow it)")
+        if samples > 1 and not carm.is_random:
+            self.fail(_join(path, "samples"), "samples > 1 needs a random axis (uniform/normal) or "
+                                              "iso_jitter_mm; otherwise every sample is the same pose")
+        # sid < sdd must hold for every pose; check bounds where they are known up front
+        sdd_lo = _axis_min(axes["sdd_mm"])
+        sid_hi = _axis_max(axes["sid_mm"])
+        if sdd_lo is not None and sid_hi is not None and sid_hi >= sdd_lo:
+            self.fail(_join(path, "sid_mm"), f"source-isocentre distance (up to {sid_hi:g} mm) must be below the "
+                                             f"source-detector distance (from {sdd_lo:g} mm)")
+        return carm
+
+    def explicit(self, value: Any, path: str) -> ExplicitPoses:
+        if isinstance(value, list):
+            value = {"matrices": value}
+        m = self.mapping(value, path, ["matrices", "file"])
+        if ("matrices" in m) == ("file" in m):
+            self.fail(path, "give exactly one of 'matrices' (inline list) or 'file' (.npy/.json/.yaml)")
+        source = None
+        if "file" in m:
+            fp = _join(path, "file")
+            fname = self.string(m["file"], fp)
+            resolved, _ = self.resolve_path(fname)
+            raw = _load_matrix_file(resolved, lambda reason: self.fail(fp, reason))
+            mp, source = fp, fname
+        else:
+            raw, mp = m["matrices"], _join(path, "matrices")
+        items = self.seq(raw, mp)
+        mats: list[tuple[float, ...]] = []
+        for i, item in enumerate(items):
+            ip = _join(mp, i)
+            if isinstance(item, list) and len(item) == 12 and not any(isinstance(x, list) for x in item):
+                flat = [self.number(x, _join(ip, k)) for k, x in enumerate(item)]
+            else:
+                rows = self.seq(item, ip, min_len=3, max_len=3)
+                flat = []
+                for r, row in enumerate(rows):
+                    rr = self.seq(row, _join(ip, r), min_len=4, max_len=4)
+                    flat.extend(self.number(x, _join(_join(ip, r), c)) for c, x in enumerate(rr))
+            # M = P[:, :3] must be invertible for a pinhole camera
+            a = flat
+            det = (a[0] * (a[5] * a[10] - a[6] * a[9]) - a[1] * (a[4] * a[10] - a[6] * a[8])
+                   + a[2] * (a[4] * a[9] - a[5] * a[8]))
+            scale = max(abs(x) for x in (a[0], a[1], a[2], a[4], a[5], a[6], a[8], a[9], a[10])) or 1.0
+            if abs(det) <= 1e-12 * scale**3:
+                self.fail(ip, "the left 3x3 block of P is singular; not a pinhole projection")
+            mats.append(tuple(flat))
+        return ExplicitPoses(matrices=tuple(mats), source=source)
+
+    def spectra(self, value: Any, path: str) -> SpectraSpec:
+        if isinstance(value, list):
+            value = {"presets": value}
+        m = self.mapping(value, path, ["presets", "tube", "mono_kev", "n_bins"])
+        items: list[SpectrumItem] = []
+        if "presets" in m:
+            pp = _join(path, "presets")
+            for i, name in enumerate(self.seq(self.as_list(m["presets"]), pp)):
+                s = self.string(name, _join(pp, i))
+                items.append(SpectrumItem("preset", s, key_path=_join(pp, i)))
+        if "tube" in m:
+            tp = _join(path, "tube")
+            t = self.mapping(m["tube"], tp, ["kvp", "al_mm", "cu_mm", "anode_angle_deg"], required=["kvp"])
+            kvps = [self.number(x, _join(_join(tp, "kvp"), i), lo=KVP_RANGE[0], hi=KVP_RANGE[1])
+                    for i, x in enumerate(self.seq(self.as_list(t["kvp"]), _join(tp, "kvp")))]
+            als = [self.number(x, _join(_join(tp, "al_mm"), i), lo=0.0, hi=100.0)
+                   for i, x in enumerate(self.seq(self.as_list(t.get("al_mm", 2.5)), _join(tp, "al_mm")))]
+            cus = [self.number(x, _join(_join(tp, "cu_mm"), i), lo=0.0, hi=20.0)
+                   for i, x in enumerate(self.seq(self.as_list(t.get("cu_mm", 0.0)), _join(tp, "cu_mm")))]
+            anode = self.number(t.get("anode_angle_deg", 12.0), _join(tp, "anode_angle_deg"), lo=0.0, hi=90.0,
+                                lo_open=True, hi_open=True)
+            for field_name, vals in (("kvp", kvps), ("al_mm", als), ("cu_mm", cus)):
+                if len(set(vals)) != len(vals):
+                    self.fail(_join(tp, field_name), "values must be distinct")
+            for kvp in kvps:
+                for al in als:
+                    for cu in cus:
+                        nm = f"{kvp:g}kV_Al{al:g}_Cu{cu:g}"
+                        items.append(SpectrumItem("tube", nm, kvp=kvp, al_mm=al, cu_mm=cu, anode_angle_deg=anode,
+                                                  key_path=tp))
+        if "mono_kev" in m:
+            mp = _join(path, "mono_kev")
+            for i, e in enumerate(self.seq(self.as_list(m["mono_kev"]), mp)):
+                ev = self.number(e, _join(mp, i), lo=MONO_RANGE_KEV[0], hi=MONO_RANGE_KEV[1])
+                items.append(SpectrumItem("mono", f"mono:{ev:g}", energy_kev=ev, key_path=_join(mp, i)))
+        if not items:
+            self.fail(path, "name at least one spectrum (presets, tube or mono_kev)")
+        names = [s.name for s in items]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            self.fail(path, f"spectrum listed twice: {', '.join(dup)}")
+        n_bins = self.integer(m["n_bins"], _join(path, "n_bins"), lo=1, hi=10_000) if "n_bins" in m else None
+        return SpectraSpec(items=tuple(items), n_bins=n_bins)
+
+    def detector(self, value: Any, path: str) -> DetectorSpec:
+        m = self.mapping(value, path, ["model", "output", "photons", "electronic_noise", "solid_angle",
+                                       "csi_thickness_mm"])
+        d = DetectorSpec()
+        model = self.choice(m.get("model", d.model), _join(path, "model"), DETECTOR_MODELS)
+        output = self.choice(m.get("output", d.output), _join(path, "output"), OUTPUT_TRANSFORMS)
+        pp = _join(path, "photons")
+        photons: list[int | None] = []
+        for i, x in enumerate(self.seq(self.as_list(m.get("photons", None)), pp)):
+            ip = _join(pp, i)
+            photons.append(None if x is None else self.integer(x, ip, lo=1, hi=10**15))
+        if len(set(photons)) != len(photons):
+            self.fail(pp, "values must be distinct")
+        noise = self.number(m.get("electronic_noise", 0.0), _join(path, "electronic_noise"), lo=0.0)
+        solid = self.boolean(m.get("solid_angle", d.solid_angle), _join(path, "solid_angle"))
+        csi = self.number(m.get("csi_thickness_mm", d.csi_thickness_mm), _join(path, "csi_thickness_mm"),
+                          lo=0.0, lo_open=True, hi=100.0)
+        if "csi_thickness_mm" in m and model != "csi":
+            self.fail(_join(path, "csi_thickness_mm"), f"only used with model: csi (model is {model!r})")
+        if noise > 0 and all(p is None for p in photons):
+            self.fail(_join(path, "electronic_noise"), "electronic noise needs a photon count (photons)")
+        return DetectorSpec(model=model, output=output, photons=tuple(photons), electronic_noise=noise,
+                            solid_angle=solid, csi_thickness_mm=csi)
+
+    def image(self, value: Any, path: str) -> ImageSpec:
+        m = self.mapping(value, path, ["size", "pixel_mm"], required=["size", "pixel_mm"])
+        sp = _join(path, "size")
+        if isinstance(m["size"], list):
+            pair = self.seq(m["size"], sp, min_len=2, max_len=2)
+            h = self.integer(pair[0], _join(sp, 0), lo=1, hi=16384)
+            w = self.integer(pair[1], _join(sp, 1), lo=1, hi=16384)
+        else:
+            h = w = self.integer(m["size"], sp, lo=1, hi=16384)
+        px = self.number(m["pixel_mm"], _join(path, "pixel_mm"), lo=0.0, hi=100.0, lo_open=True)
+        return ImageSpec(height=h, width=w, pixel_mm=px)
+
+    def physics(self, value: Any, path: str) -> PhysicsSpec:
+        m = self.mapping(value, path, ["step_voxels", "method"])
+        d = PhysicsSpec()
+        step = self.number(m.get("step_voxels", d.step_voxels), _join(path, "step_voxels"), lo=0.0, lo_open=True,
+                           hi=4.0)
+        method = self.choice(m.get("method", d.method), _join(path, "method"), PHYSICS_METHODS)
+        return PhysicsSpec(step_voxels=step, method=method)
+
+    def output(self, value: Any, path: str) -> OutputSpec:
+        if isinstance(value, str):
+            value = {"url": value}
+        m = self.mapping(value, path, ["url", "formats", "shard_size", "image_dtype"], required=["url"])
+        url = _resolve_output(self.string(m["url"], _join(path, "url")))
+        fp = _join(path, "formats")
+        formats = [self.choice(f, _join(fp, i), FORMATS)
+                   for i, f in enumerate(self.seq(self.as_list(m.get("formats", ["parquet"])), fp))]
+        if len(set(formats)) != len(formats):
+            self.fail(fp, "formats listed twice")
+        shard = self.integer(m.get("shard_size", 64), _join(path, "shard_size"), lo=1, hi=100_000)
+        dtype = self.choice(m.get("image_dtype", "uint16"), _join(path, "image_dtype"), IMAGE_DTYPES)
+        return OutputSpec(url=url, formats=tuple(formats), shard_size=shard, image_dtype=dtype)
+
+    def tracking(self, value: Any, path: str) -> TrackingSpec:
+        if isinstance(value, bool):
+            value = {"enabled": value}
+        m = self.mapping(value, path, ["enabled", "experiment", "tracking_uri"])
+        enabled = self.boolean(m.get("enabled", True), _join(path, "enabled"))
+        experiment = self.string(m.get("experiment", "drrfarm"), _join(path, "experiment"))
+        uri = m.get("tracking_uri")
+        uri = self.string(uri, _join(path, "tracking_uri")) if uri is not None else None
+        return TrackingSpec(enabled=enabled, experiment=experiment, tracking_uri=uri)
+
+    def farm(self, value: Any, path: str) -> FarmSpec:
+        m = self.mapping(value, path, ["actors", "cpus_per_actor", "max_shard_retries", "inflight_per_actor",
+                                       "max_actor_restarts"])
+        d = FarmSpec()
+        actors = m.get("actors")
+        actors = self.integer(actors, _join(path, "actors"), lo=1, hi=100_000) if actors is not None else None
+        cpus = self.number(m.get("cpus_per_actor", d.cpus_per_actor), _join(path, "cpus_per_actor"), lo=0.0,
+                           lo_open=True, hi=1024)
+        retries = self.integer(m.get("max_shard_retries", d.max_shard_retries), _join(path, "max_shard_retries"),
+                               lo=0, hi=100)
+        inflight = self.integer(m.get("inflight_per_actor", d.inflight_per_actor),
+                                _join(path, "inflight_per_actor"), lo=1, hi=16)
+        restarts = self.integer(m.get("max_actor_restarts", d.max_actor_restarts),
+                                _join(path, "max_actor_restarts"), lo=-1, hi=1000)
+        return FarmSpec(actors=actors, cpus_per_actor=cpus, max_shard_retries=retries,
+                        inflight_per_actor=inflight, max_actor_restarts=restarts)
+
+
+def _axis_min(a: AxisSpec) -> float | None:
+    if a.kind == "values":
+        return min(a.values)
+    if a.kind == "uniform":
+        return a.low
+    return a.clip[0] if a.clip else None
+
+
+def _axis_max(a: AxisSpec) -> float | None:
+    if a.kind == "values":
+        return max(a.values)
+    if a.kind == "uniform":
+        return a.high
+    return a.clip[1] if a.clip else None
+
+
+def _relpath(p: Path) -> str | None:
+    try:
+        rel = os.path.relpath(p, Path.cwd())
+    except ValueError:
+        return None
+    return None if rel.startswith("..") else rel
+
+
+def _default_volume_id(path: str) -> str:
+    m = _SAMPLE_RE.match(path)
+    if m:
+        return m.group(1)
+    name = path.rstrip("/").split("/")[-1] or "volume"
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".gz"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip("_.-") or "volume"
+    return name[:64]
+
+
+def _load_matrix_file(path: str, fail: Any) -> Any:
+    """Matrices from .npy ((N,3,4)), .json or .yaml (a list of 3x4 nested lists)."""
+    if _URL_RE.match(path):
+        fail("matrix files must be local paths")
+    p = Path(path)
+    if not p.is_file():
+        fail(f"file not found: {p}")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".npy":
+            import numpy as np
+
+            arr = np.load(p, allow_pickle=False)
+            if arr.ndim != 3 or arr.shape[1:] != (3, 4):
+                fail(f"{p.name}: expected an array of shape (N, 3, 4), got {arr.shape}")
+            return arr.astype(float).tolist()
+        if suffix == ".json":
+            return json.loads(p.read_text(encoding="utf-8"))
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except SpecError:
+        raise
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read {p.name}: {exc}")
+    except Exception as exc:  # yaml errors
+        fail(f"cannot read {p.name}: {exc}")
+    fail(f"unsupported matrix file type {suffix!r} (use .npy, .json or .yaml)")
