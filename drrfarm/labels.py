@@ -194,34 +194,10 @@ def _march_max_sum(volume: reference.PackedVolume, world_from_ijk: np.ndarray, c
     R = len(dirs)
     mx = np.zeros(R, dtype=np.float64)
     sm = np.zeros(R, dtype=np.float64)
-    length = np.maximum(t1 - t0, 0.0)
-    n_steps = np.ceil(length / h0_mm).astype(np.int64)
-    idx = np.nonzero(n_steps > 0)[0]
-    if idx.size == 0:
-        return mx, sm
-    n = n_steps[idx]
-    h = length[idx] / n
-    entry = torch.from_numpy(volume.normalised(src[None, :] + t0[idx, None] * dirs[idx]).astype(np.float32))
-    step = torch.from_numpy(volume.normalised_direction(h[:, None] * dirs[idx]).astype(np.float32))
-    order = np.argsort(n)
-    budget = reference.RAYS_PER_CHUNK * 512
-    start = 0
-    while start < len(order):
-        stop = start
-        while stop < len(order) and int(n[order[stop]]) * (stop - start + 1) <= budget:
-            stop += 1
-        stop = max(stop, start + 1)
-        sel = order[start:stop]
-        n_max = int(n[sel].max())
-        sel_t = torch.from_numpy(sel)
-        k = torch.arange(n_max, dtype=torch.float32) + 0.5
-        grid = torch.addcmul(entry[sel_t, None, :], k[None, :, None], step[sel_t, None, :])
-        valid = torch.arange(n_max)[None, :] < torch.from_numpy(n[sel])[:, None]
-        grid.masked_fill_(~valid[..., None], reference.OFF_GRID)
-        vals = reference._fetch(volume, grid)[0]  # (r, S)
-        mx[idx[sel]] = vals.amax(dim=1).to(torch.float64).numpy()
-        sm[idx[sel]] = vals.sum(dim=1, dtype=torch.float64).numpy() * h[sel]
-        start = stop
+    for rays, values, h in reference.trilinear_samples(volume, src, dirs, t0, t1, h0_mm):
+        vals = values[0]  # (r, S)
+        mx[rays] = vals.amax(dim=1).to(torch.float64).numpy()
+        sm[rays] = vals.sum(dim=1, dtype=torch.float64).numpy() * h
     return mx, sm
 
 

@@ -24,6 +24,7 @@ Implemented with torch on the CPU (``grid_sample`` does the trilinear fetches), 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,23 +151,26 @@ def _accumulate(volume: PackedVolume, grid: Any, valid: Any) -> np.ndarray:
     return _fetch(volume, grid).sum(dim=2, dtype=torch.float64).numpy()
 
 
-def _trilinear_chunk(volume: PackedVolume, src: np.ndarray, dirs: np.ndarray, t0: np.ndarray, t1: np.ndarray,
-                     h0_mm: float) -> np.ndarray:
-    """Uniform midpoint march for a chunk of rays → (M, R) line integrals in g/cm²."""
+def trilinear_samples(volume: PackedVolume, src: np.ndarray, dirs: np.ndarray, t0: np.ndarray, t1: np.ndarray,
+                      h0_mm: float) -> Iterator[tuple[np.ndarray, Any, np.ndarray]]:
+    """The uniform march's samples, in buckets of rays: yields ``(rays, values, h)``.
+
+    ``rays``: (r,) indices into ``dirs``; ``values``: (M, r, S) float32 densities at the midpoints
+    ``t_k = t0 + (k + ½) h`` (0 past each ray's last step); ``h``: (r,) step of each ray in mm.
+    Rays are bucketed by step count so short rays do not pay for long ones.
+    """
     import torch
 
-    out = np.zeros((volume.n_materials, dirs.shape[0]), dtype=np.float64)
     length = np.maximum(t1 - t0, 0.0)
     n_steps = np.ceil(length / h0_mm).astype(np.int64)
     idx = np.nonzero(n_steps > 0)[0]
     if len(idx) == 0:
-        return out
+        return
     n = n_steps[idx]
     h = length[idx] / n
     # Entry point and per-step displacement in normalised coordinates (computed in float64 once).
     entry = torch.from_numpy(volume.normalised(src[None, :] + t0[idx, None] * dirs[idx]).astype(np.float32))
     step = torch.from_numpy(volume.normalised_direction(h[:, None] * dirs[idx]).astype(np.float32))
-    # Bucket rays by step count so short rays do not pay for long ones.
     order = np.argsort(n)
     budget = RAYS_PER_CHUNK * 512
     start = 0
@@ -182,8 +186,19 @@ def _trilinear_chunk(volume: PackedVolume, src: np.ndarray, dirs: np.ndarray, t0
         # positions from the step index (never accumulated): entry + (k + 1/2) * step
         grid = torch.addcmul(entry[sel_t, None, :], k[None, :, None], step[sel_t, None, :])
         valid = torch.arange(n_max)[None, :] < torch.from_numpy(n[sel])[:, None]
-        out[:, idx[sel]] = _accumulate(volume, grid, valid) * h[sel][None, :] / 10.0
+        grid.masked_fill_(~valid[..., None], OFF_GRID)
+        yield idx[sel], _fetch(volume, grid), h[sel]
         start = stop
+
+
+def _trilinear_chunk(volume: PackedVolume, src: np.ndarray, dirs: np.ndarray, t0: np.ndarray, t1: np.ndarray,
+                     h0_mm: float) -> np.ndarray:
+    """Uniform midpoint march for a chunk of rays → (M, R) line integrals in g/cm²."""
+    import torch
+
+    out = np.zeros((volume.n_materials, dirs.shape[0]), dtype=np.float64)
+    for rays, values, h in trilinear_samples(volume, src, dirs, t0, t1, h0_mm):
+        out[:, rays] = values.sum(dim=2, dtype=torch.float64).numpy() * h[None, :] / 10.0
     return out
 
 
