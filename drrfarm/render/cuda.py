@@ -134,7 +134,7 @@ def _wrap_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, device_index: i
 class RenderJob:
     """A batch in flight: ``images`` on the GPU, ``host`` (pinned) once :meth:`wait` returns."""
 
-    def __init__(self, gpu: _Gpu, images: DeviceImages, host: np.ndarray | None, event: Any, scale: float | None,
+    def __init__(self, gpu: GpuDevice, images: DeviceImages, host: np.ndarray | None, event: Any, scale: float | None,
                  keep: list[Any]) -> None:
         self._gpu = gpu
         self.images = images
@@ -177,14 +177,14 @@ class _Staging:
         return slot
 
 
-class _Gpu:
+class GpuDevice:
     """One GPU: its retained primary context and the loaded kernel modules."""
 
-    _registry: dict[int, _Gpu] = {}
+    _registry: dict[int, GpuDevice] = {}
     _registry_lock = threading.Lock()
 
     @classmethod
-    def get(cls, index: int) -> _Gpu:
+    def get(cls, index: int) -> GpuDevice:
         with cls._registry_lock:
             gpu = cls._registry.get(index)
             if gpu is None:
@@ -243,7 +243,7 @@ class _Layout:
 class CudaVolume:
     """A prepared volume: its layouts on the GPU and what is needed to build more."""
 
-    def __init__(self, key: str, gpu: _Gpu, densities: np.ndarray, world_from_ijk: np.ndarray,
+    def __init__(self, key: str, gpu: GpuDevice, densities: np.ndarray, world_from_ijk: np.ndarray,
                  material_names: list[str]) -> None:
         self.key = key
         self._gpu = gpu
@@ -298,7 +298,7 @@ class CudaBackend:
     def __init__(self, device: int = 0, memory_budget_bytes: int | None = None, exact_interpolation: bool = False,
                  defines: dict[str, int] | None = None, block: tuple[int, int] = BLOCK,
                  joseph_layouts: bool = True, fused: bool = False) -> None:
-        self._gpu = _Gpu.get(int(device))
+        self._gpu = GpuDevice.get(int(device))
         self.device_index = int(device)
         self.exact_interpolation = bool(exact_interpolation)
         self.joseph_layouts = bool(joseph_layouts)

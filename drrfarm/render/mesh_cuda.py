@@ -9,7 +9,6 @@ Uses the device's primary context, pushed around every call, as the CUDA backend
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import pycuda.driver as drv
 
 from drrfarm.errors import BackendError
+from drrfarm.render.cuda import GpuDevice
 from drrfarm.render.cuda_build import load_kernel_image
 from drrfarm.render.mesh_reference import pack_cameras, pack_poses, pack_scene
 
@@ -56,27 +56,14 @@ class MeshTracer:
     """Loads ``mesh.cu`` on one GPU and traces scenes."""
 
     def __init__(self, device: int = 0) -> None:
-        drv.init()
-        if not 0 <= device < drv.Device.count():
-            raise BackendError(f"device: GPU index {device} out of range")
-        self.device = drv.Device(device)
-        major, minor = self.device.compute_capability()
-        self.arch = f"sm_{major}{minor}"
-        self.primary = self.device.retain_primary_context()
-        image, self.build = load_kernel_image("mesh.cu", self.arch)
+        self.gpu = GpuDevice.get(device)  # the same primary context as the render backend
+        self.context = self.gpu.context
+        image, self.build = load_kernel_image("mesh.cu", self.gpu.arch)
         with self.context():
             self.module = drv.module_from_buffer(image)
             self._trace = self.module.get_function("mesh_trace")
             self._count = self.module.get_function("mesh_count_skipped")
             self._add = self.module.get_function("mesh_add_chords")
-
-    @contextmanager
-    def context(self):  # noqa: ANN201
-        self.primary.push()
-        try:
-            yield self
-        finally:
-            drv.Context.pop()
 
     def upload(self, meshes: Sequence[Any], material_names: Sequence[str]) -> GpuScene:
         """Pack (:func:`~drrfarm.render.mesh_reference.pack_scene`) and upload a scene."""
