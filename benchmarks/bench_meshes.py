@@ -174,7 +174,7 @@ def measure_pose(ctx: dict, pose: str, batch: int, counts: list[int]) -> list[di
             d_cams = drv.to_device(pack_cameras(cams))
             d_poses = drv.to_device(np.ascontiguousarray(pack_poses([tools] * B)))
             d_lint = drv.mem_alloc(4 * B * M * H * W)
-            d_iv = drv.mem_alloc(8 * B * H * W * 4)
+            d_iv = drv.mem_alloc(16 * B * H * W * 4)  # double2 intervals, kmax 4
             d_n = drv.mem_alloc(4 * B * H * W)
             d_of = drv.to_device(np.zeros(2, np.uint32))
             p = tracer.params(scene, int(d_cams), int(d_poses), H, W, B, lint=int(d_lint), M=M,

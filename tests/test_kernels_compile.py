@@ -18,6 +18,9 @@ NVCC = find_nvcc()
 EXPECTED_KERNELS = [
     f"drr_{kind}{m}_c{c}_t{t}_{f}" for kind in ("", "march_") for m in ("joseph", "trilinear")
     for c, t in ((1, 1), (2, 1), (4, 1), (4, 2)) for f in ("hw", "exact")
+] + [
+    f"drr_mesh_ct_{m}_c{c}_t{t}_{f}" for m in ("joseph", "trilinear") for c, t in ((1, 1), (2, 1), (4, 1), (4, 2))
+    for f in ("hw", "exact")
 ] + ["drr_rays_joseph", "drr_rays_trilinear", "drr_neglog_finish", "drr_minmax_init", "drr_finish_m4",
      "drr_finish_m8", "pack_layout", "philox_kat", "poisson_draws"]
 

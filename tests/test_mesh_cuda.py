@@ -50,7 +50,7 @@ def test_cuda_chords_and_intervals_match_the_cpu(tracer, case) -> None:
         mp = trace_meshes(meshes, cam)
         assert mp.chords_mm.max() > 5.0
         np.testing.assert_allclose(res.chords[b], mp.chords_mm, rtol=1e-3, atol=1e-3)
-        # replacing union: same number of intervals and the same ends (float32 on the GPU)
+        # replacing union: same number of intervals and the same ends (float64 on the GPU)
         rep = mp.replace
         counts = rep.per_ray_counts().reshape(cam.height, cam.width)
         np.testing.assert_array_equal(res.n_intervals[b], counts)

@@ -3,10 +3,18 @@
 A backend owns a resident copy of each prepared volume (cached by content) and turns cameras, a
 spectrum and :class:`drrfarm.physics.Physics` into images. ``cpu`` is the reference
 (:mod:`drrfarm.render.reference`, the executable spec); ``cuda`` is its fast twin.
+
+Meshes (:class:`drrfarm.meshes.Mesh`: tools, implants) enter ``render`` and ``line_integrals`` in
+the same pass as the CT: ``meshes`` is one list for every image, or one list per camera (poses may
+differ per image). Additive meshes add ``density × chord / 10`` (g/cm²) to their material's channel;
+replacing meshes also remove the CT's samples inside them (:mod:`drrfarm.render.mesh_reference`).
+Line-integral channels are then :func:`output_material_names`: the CT's materials, followed by the
+mesh materials the CT lacks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,14 +30,39 @@ class Backend(Protocol):
     def prepare(self, material_volume: Any, world_from_patient: np.ndarray) -> Any:
         """Make ``material_volume`` resident (cached by content) and return a handle."""
 
-    def line_integrals(self, handle: Any, cameras: list[Any], physics: Any) -> np.ndarray:
-        """Per-material line integrals: (B, M, H, W) float32 g/cm²."""
+    def line_integrals(self, handle: Any, cameras: list[Any], physics: Any, meshes: Any = None) -> np.ndarray:
+        """Per-material line integrals: (B, M, H, W) float32 g/cm² (M: :func:`output_material_names`)."""
 
-    def render(self, handle: Any, cameras: list[Any], spectrum: Any, physics: Any, seeds: list[int]) -> np.ndarray:
+    def render(self, handle: Any, cameras: list[Any], spectrum: Any, physics: Any, seeds: list[int],
+               meshes: Any = None) -> np.ndarray:
         """Output images: (B, H, W) float32."""
 
     def cache_stats(self) -> dict[str, int]:
         """Volume cache statistics: hits, misses, volumes, bytes_resident."""
+
+
+def meshes_per_image(meshes: Any, n_images: int) -> list[list[Any]] | None:
+    """``meshes`` as one list per image, or None when no image has a mesh.
+
+    ``meshes``: None, a list of meshes (every image), or a list of ``n_images`` lists.
+    """
+    if not meshes:
+        return None
+    items = list(meshes)
+    if isinstance(items[0], (list, tuple)):
+        if len(items) != n_images:
+            raise BackendError(f"meshes: need one list per camera ({n_images}), got {len(items)}")
+        per = [list(m) for m in items]
+    else:
+        per = [items] * n_images
+    return per if any(per) else None
+
+
+def output_material_names(material_names: Sequence[str], meshes: Sequence[Any]) -> list[str]:
+    """Line-integral channels with ``meshes``: the CT's materials, then mesh materials it lacks."""
+    from drrfarm.render.mesh_reference import mesh_material_channels
+
+    return mesh_material_channels(meshes, material_names)[0]
 
 
 def cuda_available() -> bool:

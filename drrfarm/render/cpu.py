@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from drrfarm import physics as phys
-from drrfarm.render import reference
+from drrfarm.render import mesh_reference, meshes_per_image, reference
 
 
 @dataclass
@@ -77,7 +77,12 @@ class CpuBackend:
             self._cache.popitem(last=False)
         return handle
 
-    def line_integrals(self, handle: CpuVolume, cameras: list[Any], physics: phys.Physics) -> np.ndarray:
+    def line_integrals(self, handle: CpuVolume, cameras: list[Any], physics: phys.Physics,
+                       meshes: Any = None) -> np.ndarray:
+        """(B, M, H, W) float32 g/cm²; with ``meshes`` the channels are
+        :func:`drrfarm.render.output_material_names` (:mod:`drrfarm.render.mesh_reference`)."""
+        if meshes_per_image(meshes, len(cameras)) is not None:
+            return mesh_reference.cpu_line_integrals(handle, cameras, physics, meshes)[1]
         return np.stack([
             reference.line_integrals(handle.densities, handle.world_from_ijk, handle.spacing_mm, cam,
                                      method=physics.method, step_voxels=physics.step_voxels)
@@ -85,7 +90,10 @@ class CpuBackend:
         ]).astype(np.float32)
 
     def render(self, handle: CpuVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
-               seeds: list[int]) -> np.ndarray:
+               seeds: list[int], meshes: Any = None) -> np.ndarray:
+        """(B, H, W) float32 images; ``meshes`` (one list, or one list per camera) render in the same pass."""
+        if meshes_per_image(meshes, len(cameras)) is not None:
+            return mesh_reference.cpu_render(handle, cameras, spectrum, physics, seeds, meshes)
         if len(seeds) != len(cameras):
             raise phys.PhysicsError(f"seeds: need one seed per camera ({len(cameras)}), got {len(seeds)}")
         tables = phys.detector_tables(spectrum, handle.material_names, physics)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ import pycuda.driver as drv
 from drrfarm import physics as phys
 from drrfarm.errors import BackendError, PhysicsError
 from drrfarm.render import cuda_driver as cd
-from drrfarm.render import reference
+from drrfarm.render import meshes_per_image, output_material_names, reference
 from drrfarm.render.cpu import spacing_of, volume_key
 from drrfarm.render.cuda_build import load_kernel_image
 from drrfarm.render.cuda_plan import (
@@ -57,11 +58,15 @@ from drrfarm.render.cuda_plan import (
     tables_block,
 )
 from drrfarm.render.gpu_cache import ResidentCache
+from drrfarm.render.mesh_reference import pack_cameras, pack_poses
 
 OUTPUT_CODES = {"line_integral": 0, "transmission": 1, "intensity": 2, "neglog": 3}
 DTYPE_CODES = {"float32": 0, "float16": 1, "uint16": 2}
 SPLIT_CHUNK_PIXELS = 16 << 20  # pixels per chunk of the split pipeline (48 B of ray record each)
 SCRATCH_STREAMS = 4  # streams whose scratch buffers are kept
+MESH_MAX_HITS = 64  # MESH_MAX_HITS in mesh.cu
+MESH_CHUNK_BYTES = 768 << 20  # scratch per chunk of a mesh render (ray records, CT, chords, intervals)
+MAX_MESH_MATERIALS = 8  # channels drr_finish_m8 holds
 BLOCK = (16, 16)
 
 _PARAMS_DTYPE = np.dtype([
@@ -135,23 +140,34 @@ class RenderJob:
     """A batch in flight: ``images`` on the GPU, ``host`` (pinned) once :meth:`wait` returns."""
 
     def __init__(self, gpu: GpuDevice, images: DeviceImages, host: np.ndarray | None, event: Any, scale: float | None,
-                 keep: list[Any]) -> None:
+                 keep: list[Any], mesh_overflow: Any = None) -> None:
         self._gpu = gpu
         self.images = images
         self.host = host
         self.event = event
         self.scale = scale
         self._keep = keep
+        self._mesh_overflow = mesh_overflow  # device u32[2] of mesh.cu (hit lists, unions), or None
 
     def done(self) -> bool:
         with self._gpu.context():
             return bool(self.event.query())
 
     def wait(self) -> np.ndarray | None:
-        """Block until the render (and the copy to host, if any) finished; returns ``host``."""
+        """Block until the render (and the copy to host, if any) finished; returns ``host``.
+
+        Raises :class:`BackendError` when a ray of a mesh render had more mesh crossings than the
+        kernel holds (its image would be wrong)."""
         with self._gpu.context():
             self.event.synchronize()
+            overflow = drv.from_device(self._mesh_overflow, (2,), np.uint32) if self._mesh_overflow else None
         self._keep = []
+        self._mesh_overflow = None
+        if overflow is not None and overflow.any():
+            raise BackendError(
+                f"meshes: {int(overflow[0])} ray(s) crossed more mesh surfaces than the kernel holds "
+                f"({MESH_MAX_HITS} hits per mesh) and {int(overflow[1])} ray(s) more separate replacing "
+                "intervals than mesh_kmax; raise CudaBackend(mesh_kmax=...) or simplify the meshes")
         return self.host
 
     def torch(self) -> Any:
@@ -291,14 +307,24 @@ class CudaBackend:
     detector/noise/output, through per-stream scratch (48 B of ray record and 4·M B of line
     integrals per pixel, in chunks of ``SPLIT_CHUNK_PIXELS``).
     ``defines``/``block``: kernel build options and the thread block (for tuning).
+    ``mesh_kmax``: separate replacing-mesh intervals kept per ray (1..16; more raise an error).
+
+    Meshes (``meshes=`` of :meth:`render` / :meth:`line_integrals`) run in the split pipeline:
+    ``mesh_trace`` (``kernels/mesh.cu``: chords and the replacing union per pixel) -> ray records ->
+    CT march -> ``drr_mesh_ct_*`` (the CT minus its samples inside replacing meshes, widened to the
+    mesh materials' channels) -> ``mesh_add_chords`` -> detector/noise/output. Images without meshes
+    take the unchanged fast path.
     """
 
     name = "cuda"
 
     def __init__(self, device: int = 0, memory_budget_bytes: int | None = None, exact_interpolation: bool = False,
                  defines: dict[str, int] | None = None, block: tuple[int, int] = BLOCK,
-                 joseph_layouts: bool = True, fused: bool = False) -> None:
+                 joseph_layouts: bool = True, fused: bool = False, mesh_kmax: int = 8) -> None:
         self._gpu = GpuDevice.get(int(device))
+        self.mesh_kmax = int(mesh_kmax)
+        self._mesh_tracer: Any = None
+        self._scenes: OrderedDict[tuple, Any] = OrderedDict()
         self.device_index = int(device)
         self.exact_interpolation = bool(exact_interpolation)
         self.joseph_layouts = bool(joseph_layouts)
@@ -465,7 +491,8 @@ class CudaBackend:
     def _launch(self, vol: CudaVolume, cameras: Sequence[Any], physics: phys.Physics, *, mode: int,
                 spectra: Any = None, seeds: Sequence[int] | None = None, dtype: str = "float32",
                 to_host: bool = True, out: Any = None, host_out: np.ndarray | None = None,
-                stream: Any = None) -> RenderJob:
+                stream: Any = None, meshes: Sequence[Sequence[Any]] | None = None) -> RenderJob:
+        """One launch. ``meshes``: one list per camera, all of one scene (same meshes, own poses)."""
         B = len(cameras)
         if B == 0:
             raise BackendError("cameras: need at least one camera")
@@ -476,6 +503,13 @@ class CudaBackend:
             raise BackendError(f"cameras: at most 65535 images per launch, got {B}")
         method = physics.method
         M = vol.n_materials
+        if meshes and (len(meshes) != B or len({scene_key(ms) for ms in meshes}) != 1 or not meshes[0]):
+            raise BackendError("meshes: one launch needs one non-empty list per camera, all of one scene "
+                               "(the same meshes in the same order; poses may differ)")
+        names = output_material_names(vol.material_names, meshes[0]) if meshes else list(vol.material_names)
+        M_out = len(names)
+        if M_out > MAX_MESH_MATERIALS:
+            raise BackendError(f"meshes: at most {MAX_MESH_MATERIALS} materials in one render, got {M_out} ({names})")
         h0 = float(physics.step_voxels) * float(min(vol.spacing_mm))
         cams, principal, corner_axes = plan_batch(cameras, vol.ijk_from_world, h0, vol.shape)
         info = np.zeros((B, INFO_STRIDE), dtype=np.uint32)
@@ -491,12 +525,12 @@ class CudaBackend:
             index: dict[int, int] = {}
             for i in range(B):
                 s = spec_list[i if len(spec_list) == B else 0]
-                tab = self._tables(s, vol.material_names, physics)
+                tab = self._tables(s, names, physics)
                 if id(tab) not in index:
                     index[id(tab)] = len(uniq)
                     uniq.append(tab)
                 info[i, 0] = index[id(tab)]
-            tables, nbmax, tstride = tables_block(uniq, M)
+            tables, nbmax, tstride = tables_block(uniq, M_out)
             if seeds is None or len(seeds) != B:
                 raise PhysicsError(f"seeds: need one seed per camera ({B}), got {0 if seeds is None else len(seeds)}")
             for i, seed in enumerate(seeds):
@@ -507,7 +541,7 @@ class CudaBackend:
             out_dtype = np.dtype(dtype)
         else:
             tables, nbmax, tstride = np.zeros((1, 4), dtype=np.float32), 0, 4
-            out_shape = (B, M, H, W)
+            out_shape = (B, M_out, H, W)
             out_dtype = np.dtype(np.float32)
             dtype = "float32"
         info[:, 3] = principal.astype(np.uint32)
@@ -521,6 +555,8 @@ class CudaBackend:
                 stream = stream if stream is not None else self.stream()
                 # per-launch parameters: one pinned staging buffer -> one async copy
                 blobs = [cams.tobytes(), info.tobytes(), tables.tobytes()]
+                if meshes:  # mesh.cu's camera records and per-image poses
+                    blobs += [pack_cameras(cameras).tobytes(), np.ascontiguousarray(pack_poses(meshes)).tobytes()]
                 offsets, total = [], 0
                 for blob in blobs:
                     offsets.append(total)
@@ -534,6 +570,15 @@ class CudaBackend:
                 images = _wrap_out(out, out_shape, out_dtype, self.device_index) if out is not None else \
                     DeviceImages(out_shape, out_dtype, self.device_index)
                 keep: list[Any] = [slot]
+                mesh_overflow = None
+                mesh_run = None
+                if meshes:
+                    scene = self._scene(meshes[0], vol.material_names)
+                    mesh_overflow = drv.mem_alloc(8)
+                    drv.memset_d32_async(mesh_overflow, 0, 2, stream)
+                    keep.append(mesh_overflow)
+                    mesh_run = _MeshRun(self._tracer(), scene, base + offsets[3], base + offsets[4], int(mesh_overflow),
+                                        M_out, self.mesh_kmax, any(m.mode == "replace" for m in meshes[0]))
 
                 p = params
                 p["cams"], p["info"], p["tables"] = base + offsets[0], base + offsets[1], base + offsets[2]
@@ -566,11 +611,11 @@ class CudaBackend:
                 bx, by, _ = self.block
                 grid = ((W + bx - 1) // bx, (H + by - 1) // by, B)
                 shared = int(tstride * 4)
-                if mode == 1 and self.fused:
+                if mode == 1 and self.fused and mesh_run is None:
                     kname = f"drr_{method}_c{vol.channels}_t{vol.n_textures}_{interp}"
                     self._fn(kname)(params[()], block=self.block, grid=grid, stream=stream, shared=shared)
                 else:
-                    self._split(params, method, vol, interp, mode, B, H, W, out_dtype, stream, shared)
+                    self._split(params, method, vol, interp, mode, B, H, W, out_dtype, stream, shared, mesh_run)
                 if neglog:
                     n = B * H * W
                     self._fn("drr_neglog_finish")(params[()], block=(256, 1, 1),
@@ -585,19 +630,29 @@ class CudaBackend:
                 event = drv.Event()
                 event.record(stream)
                 slot[3] = event
-        return RenderJob(self._gpu, images, host_arr, event, scale, keep)
+        return RenderJob(self._gpu, images, host_arr, event, scale, keep, mesh_overflow)
 
     def _split(self, params: np.ndarray, method: str, vol: CudaVolume, interp: str, mode: int, B: int, H: int,
-               W: int, out_dtype: np.dtype, stream: Any, shared: int) -> None:
-        """Ray records -> march -> (mode 1) finish, in chunks of images that bound the scratch memory."""
+               W: int, out_dtype: np.dtype, stream: Any, shared: int, mesh: _MeshRun | None = None) -> None:
+        """Ray records -> march -> (meshes) -> (mode 1) finish, in chunks of images that bound the scratch memory."""
         M = vol.n_materials
+        M_out = mesh.n_channels if mesh is not None else M
         per_chunk = max(1, min(B, SPLIT_CHUNK_PIXELS // (H * W)))
+        if mesh is not None:
+            per_chunk = max(1, min(per_chunk, MESH_CHUNK_BYTES // (H * W * mesh.bytes_per_pixel(M))))
         rays = self._buffer(stream, "rays", per_chunk * H * W * 48)
-        lint = self._buffer(stream, "lint", per_chunk * H * W * M * 4) if mode == 1 else None
+        lint = self._buffer(stream, "lint", per_chunk * H * W * M_out * 4) if mode == 1 else None
+        if mesh is not None:
+            ct = self._buffer(stream, "mesh_ct", per_chunk * H * W * M * 4)
+            chords = self._buffer(stream, "mesh_chords", per_chunk * H * W * mesh.scene.n_meshes * 4)
+            intervals = self._buffer(stream, "mesh_intervals", per_chunk * H * W * mesh.kmax * 16) \
+                if mesh.replace else None
+            n_intervals = self._buffer(stream, "mesh_n_intervals", per_chunk * H * W * 4) if mesh.replace else None
+            fn_mesh_ct = self._fn(f"drr_mesh_ct_{method}_c{vol.channels}_t{vol.n_textures}_{interp}")
         bx, by, _ = self.block
         fn_rays = self._fn(f"drr_rays_{method}")
         fn_march = self._fn(f"drr_march_{method}_c{vol.channels}_t{vol.n_textures}_{interp}")
-        fn_finish = self._fn("drr_finish_m4" if vol.n_textures == 1 else "drr_finish_m8")
+        fn_finish = self._fn("drr_finish_m4" if M_out <= 4 else "drr_finish_m8")
         base = params.copy()
         out_item = out_dtype.itemsize
         for i0 in range(0, B, per_chunk):
@@ -613,13 +668,46 @@ class CudaBackend:
             grid = ((W + bx - 1) // bx, (H + by - 1) // by, n)
             fn_rays(q[()], block=self.block, grid=grid, stream=stream)
             march = q.copy()
-            march["out"] = int(lint) if mode == 1 else int(base["out"]) + i0 * M * H * W * 4
+            target = int(lint) if mode == 1 else int(base["out"]) + i0 * M_out * H * W * 4
+            march["out"] = target if mesh is None else int(ct)
             fn_march(march[()], block=self.block, grid=grid, stream=stream)
+            if mesh is not None:
+                mp = mesh.tracer.params(
+                    mesh.scene, mesh.cams_ptr + i0 * MESH_CAM_BYTES, mesh.poses_ptr + i0 * mesh.pose_bytes, H, W, n,
+                    chords=int(chords), M=M_out, intervals=int(intervals or 0), n_intervals=int(n_intervals or 0),
+                    overflow=mesh.overflow_ptr, kmax=mesh.kmax)
+                mesh.tracer.trace_device(mp, stream)
+                fn_mesh_ct(march[()], ct, np.uintp(int(intervals or 0)), np.uintp(int(n_intervals or 0)),
+                           np.int32(mesh.kmax), np.uintp(target), np.int32(M_out), block=self.block, grid=grid,
+                           stream=stream)
+                mp["lint"] = target
+                mesh.tracer.add_chords_device(mp, stream)
             if mode == 1:
                 q["lint"] = int(lint)
+                q["M"] = M_out
                 q["out"] = int(base["out"]) + i0 * H * W * out_item
                 fn_finish(q[()], block=(16, 16, 1), grid=((W + 15) // 16, (H + 15) // 16, n), stream=stream,
                           shared=shared)
+
+    def _tracer(self) -> Any:
+        """The mesh tracer (``kernels/mesh.cu``) on this backend's GPU, loaded on first use."""
+        if self._mesh_tracer is None:
+            from drrfarm.render.mesh_cuda import MeshTracer
+
+            self._mesh_tracer = MeshTracer(self.device_index)
+        return self._mesh_tracer
+
+    def _scene(self, meshes: Sequence[Any], material_names: Sequence[str]) -> Any:
+        """The uploaded scene of ``meshes`` (cached by geometry, material, density and mode)."""
+        key = (scene_key(meshes), tuple(material_names))
+        scene = self._scenes.get(key)
+        if scene is None:
+            scene = self._scenes[key] = self._tracer().upload(meshes, material_names)
+            while len(self._scenes) > MESH_SCENES_CACHED:
+                self._scenes.popitem(last=False)  # buffers are freed with the scene object
+        else:
+            self._scenes.move_to_end(key)
+        return scene
 
     def _buffer(self, stream: Any, name: str, nbytes: int) -> Any:
         """A per-stream scratch buffer of at least ``nbytes`` (grown, never shrunk). Buffers of the
@@ -642,7 +730,8 @@ class CudaBackend:
 
     def render_async(self, handle: CudaVolume, cameras: Sequence[Any], spectrum: Any, physics: phys.Physics,
                      seeds: Sequence[int], *, dtype: str = "float32", to_host: bool = True, out: Any = None,
-                     host_out: np.ndarray | None = None, stream: Any = None) -> RenderJob:
+                     host_out: np.ndarray | None = None, stream: Any = None,
+                     meshes: Sequence[Sequence[Any]] | None = None) -> RenderJob:
         """Enqueue one batch; returns at once.
 
         ``spectrum``: a :class:`~drrfarm.spectrum.Spectrum` or precomputed
@@ -651,26 +740,56 @@ class CudaBackend:
         ``float16`` or ``uint16`` (value = round(x / ``job.scale``)). ``out``: reuse a
         :class:`DeviceImages` or write into any CUDA array (e.g. a torch tensor); ``host_out``: reuse
         a pinned array (from :meth:`pinned`). ``to_host=False`` keeps the images on the GPU only.
+        ``meshes``: one list per camera, all of one scene (the same meshes, each image its own poses).
         """
         return self._launch(handle, cameras, physics, mode=1, spectra=spectrum, seeds=seeds, dtype=dtype,
-                            to_host=to_host, out=out, host_out=host_out, stream=stream)
+                            to_host=to_host, out=out, host_out=host_out, stream=stream,
+                            meshes=meshes_per_image(meshes, len(cameras)))
 
     def render(self, handle: CudaVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
-               seeds: list[int]) -> np.ndarray:
+               seeds: list[int], meshes: Any = None) -> np.ndarray:
         """Output images (B, H, W) float32 (the :class:`~drrfarm.render.Backend` contract)."""
         if len(seeds) != len(cameras):
             raise PhysicsError(f"seeds: need one seed per camera ({len(cameras)}), got {len(seeds)}")
         spectra = spectrum if isinstance(spectrum, (list, tuple)) else [spectrum] * len(cameras)
-        return self._grouped(cameras, lambda idx: self.render_async(
-            handle, [cameras[i] for i in idx], [spectra[i] for i in idx], physics, [seeds[i] for i in idx]
-        ).wait(), lambda h, w: (h, w))
 
-    def line_integrals(self, handle: CudaVolume, cameras: list[Any], physics: phys.Physics) -> np.ndarray:
-        """Per-material line integrals (B, M, H, W) float32 in g/cm²."""
-        M = handle.n_materials
-        return self._grouped(cameras, lambda idx: self._launch(
-            handle, [cameras[i] for i in idx], physics, mode=0
-        ).wait(), lambda h, w: (M, h, w))
+        def run(idx: list[int], per: list[list[Any]] | None) -> np.ndarray:
+            return self._grouped([cameras[i] for i in idx], lambda sub: self.render_async(
+                handle, [cameras[idx[i]] for i in sub], [spectra[idx[i]] for i in sub], physics,
+                [seeds[idx[i]] for i in sub], meshes=[per[i] for i in sub] if per else None).wait(),
+                lambda h, w: (h, w))
+
+        return self._by_scene(cameras, meshes, run, lambda h, w: (h, w))
+
+    def line_integrals(self, handle: CudaVolume, cameras: list[Any], physics: phys.Physics,
+                       meshes: Any = None) -> np.ndarray:
+        """Per-material line integrals (B, M, H, W) float32 in g/cm² (with ``meshes``: the channels of
+        :func:`drrfarm.render.output_material_names`)."""
+        per_all = meshes_per_image(meshes, len(cameras))
+        M = len(output_material_names(handle.material_names, per_all[0])) if per_all else handle.n_materials
+
+        def run(idx: list[int], per: list[list[Any]] | None) -> np.ndarray:
+            return self._grouped([cameras[i] for i in idx], lambda sub: self._launch(
+                handle, [cameras[idx[i]] for i in sub], physics, mode=0,
+                meshes=[per[i] for i in sub] if per else None).wait(), lambda h, w: (M, h, w))
+
+        return self._by_scene(cameras, meshes, run, lambda h, w: (M, h, w))
+
+    def _by_scene(self, cameras: Sequence[Any], meshes: Any, run: Any, tail: Any) -> np.ndarray:
+        """``run(indices, meshes per image or None)`` for each group of images sharing a mesh scene."""
+        per = meshes_per_image(meshes, len(cameras))
+        if per is None:
+            return run(list(range(len(cameras))), None)
+        groups: dict[tuple, list[int]] = {}
+        for i, ms in enumerate(per):
+            groups.setdefault(scene_key(ms), []).append(i)
+        if len(groups) == 1:
+            return run(list(range(len(cameras))), per)
+        H, W = int(cameras[0].height), int(cameras[0].width)
+        result = np.empty((len(cameras), *tail(H, W)), dtype=np.float32)
+        for idx in groups.values():
+            result[idx] = run(idx, [per[i] for i in idx] if per[idx[0]] else None)
+        return result
 
     def _grouped(self, cameras: Sequence[Any], run: Any, tail: Any) -> np.ndarray:
         if not cameras:
@@ -685,3 +804,38 @@ class CudaBackend:
             idx = list(range(start, min(len(cameras), start + per_launch)))
             result[start : start + len(idx)] = run(idx)
         return result
+
+
+# ------------------------------------------------------------------------------------ meshes
+
+MESH_CAM_BYTES = 16 * 8  # mesh.cu camera record (MCAM_STRIDE doubles)
+MESH_SCENES_CACHED = 16
+
+
+def scene_key(meshes: Sequence[Any]) -> tuple:
+    """What makes two images' meshes one scene on the GPU: each mesh's geometry, material, density and
+    mode, in order (poses may differ)."""
+    return tuple((m.geometry_sha256, m.material, float(m.density_g_cm3), m.mode) for m in meshes)
+
+
+@dataclass
+class _MeshRun:
+    """The meshes of one launch: tracer, uploaded scene, device pointers of the per-image records."""
+
+    tracer: Any
+    scene: Any
+    cams_ptr: int
+    poses_ptr: int
+    overflow_ptr: int
+    n_channels: int
+    kmax: int
+    replace: bool
+
+    @property
+    def pose_bytes(self) -> int:
+        return self.scene.n_meshes * 12 * 8
+
+    def bytes_per_pixel(self, n_ct_materials: int) -> int:
+        """Scratch bytes per pixel: ray record, line integrals (CT and widened), chords, intervals."""
+        return 48 + 4 * n_ct_materials + 4 * self.n_channels + 4 * self.scene.n_meshes + (16 * self.kmax + 4) * \
+            int(self.replace)

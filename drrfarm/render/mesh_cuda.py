@@ -43,7 +43,7 @@ class GpuScene:
 
 @dataclass
 class MeshResult:
-    """Host copies: chords (B, NM, H, W) float32, intervals (B, H, W, kmax, 2) float32,
+    """Host copies: chords (B, NM, H, W) float32, intervals (B, H, W, kmax, 2) float64,
     n_intervals (B, H, W) int32, overflow (hit lists, unions) counts."""
 
     chords: np.ndarray | None
@@ -120,14 +120,14 @@ class MeshTracer:
             d_poses = drv.to_device(np.ascontiguousarray(poses))
             d_of = drv.to_device(np.zeros(2, dtype=np.uint32))
             chords = drv.mem_alloc(4 * B * scene.n_meshes * H * W) if want_chords else None
-            ivs = drv.mem_alloc(8 * B * H * W * kmax) if want_intervals else None
+            ivs = drv.mem_alloc(16 * B * H * W * kmax) if want_intervals else None
             niv = drv.mem_alloc(4 * B * H * W) if want_intervals else None
             p = self.params(scene, int(d_cams), int(d_poses), H, W, B, chords=int(chords or 0),
                             intervals=int(ivs or 0), n_intervals=int(niv or 0), overflow=int(d_of), kmax=kmax)
             self.trace_device(p)
             drv.Context.synchronize()
             out_c = drv.from_device(chords, (B, scene.n_meshes, H, W), np.float32) if chords else None
-            out_i = drv.from_device(ivs, (B, H, W, kmax, 2), np.float32) if ivs else None
+            out_i = drv.from_device(ivs, (B, H, W, kmax, 2), np.float64) if ivs else None
             out_n = drv.from_device(niv, (B, H, W), np.int32) if niv else None
             of = drv.from_device(d_of, (2,), np.uint32)
         return MeshResult(out_c, out_i, out_n, (int(of[0]), int(of[1])))
@@ -137,7 +137,7 @@ class MeshTracer:
         """Run ``mesh_count_skipped`` (the CT-march skip rule) on host arrays; returns (B, H, W) int32."""
         B, H, W, kmax, _ = result_intervals.shape
         with self.context():
-            d_iv = drv.to_device(np.ascontiguousarray(result_intervals, dtype=np.float32))
+            d_iv = drv.to_device(np.ascontiguousarray(result_intervals, dtype=np.float64))
             d_n = drv.to_device(np.ascontiguousarray(n_intervals, dtype=np.int32))
             p = self.params(scene, 0, 0, H, W, B, intervals=int(d_iv), n_intervals=int(d_n), kmax=kmax)
             out = drv.mem_alloc(4 * B * H * W)

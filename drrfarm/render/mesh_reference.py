@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from drrfarm.render import reference
+from drrfarm.render import meshes_per_image, reference
 
 EPS_BARY = 1e-9  # barycentric slack: edge/vertex hits are found on every adjacent triangle, then merged
 DET_TOL = 1e-15  # |det| <= DET_TOL |e1| |e2| |d|: ray parallel to the triangle's plane
@@ -382,18 +382,7 @@ class MeshPass:
 
     def material_channels(self, material_names: Sequence[str]) -> tuple[list[str], list[int]]:
         """Output material names (the CT's, then new mesh materials) and each mesh's channel."""
-        from drrfarm.materials import canonical_material_name
-
-        names = list(material_names)
-        canon = [canonical_material_name(n) for n in names]
-        channel = []
-        for m in self.meshes:
-            c = canonical_material_name(m.material)
-            if c not in canon:
-                canon.append(c)
-                names.append(m.material)
-            channel.append(canon.index(c))
-        return names, channel
+        return mesh_material_channels(self.meshes, material_names)
 
     def mesh_line_integrals(self, material_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
         """(names, (M_out, H, W) float64 g/cm²): every mesh's ``density × chord / 10`` in its channel."""
@@ -402,6 +391,23 @@ class MeshPass:
         for m, c, chord in zip(self.meshes, channel, self.chords_mm, strict=True):
             out[c] += m.density_g_cm3 * chord / 10.0
         return names, out
+
+
+def mesh_material_channels(meshes: Sequence[Any], material_names: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Output material names (the CT's, then mesh materials the CT lacks, matched by canonical
+    name) and each mesh's channel index."""
+    from drrfarm.materials import canonical_material_name
+
+    names = list(material_names)
+    canon = [canonical_material_name(n) for n in names]
+    channel = []
+    for m in meshes:
+        c = canonical_material_name(m.material)
+        if c not in canon:
+            canon.append(c)
+            names.append(m.material)
+        channel.append(canon.index(c))
+    return names, channel
 
 
 def camera_rays_world(camera: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -530,16 +536,6 @@ def line_integrals_with_meshes(volume: reference.PackedVolume, world_from_ijk: n
 
 # ------------------------------------------------------------------------------- CPU backend helpers
 
-def _per_image(meshes: Any, n: int) -> list[list[Any]]:
-    """``meshes``: one list for every image, or a list of lists (one per image)."""
-    meshes = list(meshes or [])
-    if meshes and isinstance(meshes[0], (list, tuple)):
-        if len(meshes) != n:
-            raise ValueError(f"meshes: need one list per camera ({n}), got {len(meshes)}")
-        return [list(m) for m in meshes]
-    return [meshes] * n
-
-
 def cpu_line_integrals(handle: Any, cameras: Sequence[Any], physics: Any, meshes: Any
                        ) -> tuple[list[str], np.ndarray]:
     """Line integrals with meshes on a :class:`drrfarm.render.cpu.CpuVolume`: ``(names, (B, M_out, H, W))``.
@@ -547,7 +543,7 @@ def cpu_line_integrals(handle: Any, cameras: Sequence[Any], physics: Any, meshes
     ``meshes``: a list of :class:`~drrfarm.meshes.Mesh` for every image, or one list per camera
     (poses may differ per image; all images must produce the same material channels).
     """
-    per = _per_image(meshes, len(cameras))
+    per = meshes_per_image(meshes, len(cameras)) or [[] for _ in cameras]
     outs, names_all = [], None
     for cam, ms in zip(cameras, per, strict=True):
         names, A, _ = line_integrals_with_meshes(handle.densities, handle.world_from_ijk, handle.spacing_mm,
@@ -568,7 +564,7 @@ def cpu_render(handle: Any, cameras: Sequence[Any], spectrum: Any, physics: Any,
 
     if len(seeds) != len(cameras):
         raise phys.PhysicsError(f"seeds: need one seed per camera ({len(cameras)}), got {len(seeds)}")
-    per = _per_image(meshes, len(cameras))
+    per = meshes_per_image(meshes, len(cameras)) or [[] for _ in cameras]
     images = []
     tables_cache: dict[tuple[str, ...], Any] = {}
     for cam, seed, ms in zip(cameras, seeds, per, strict=True):
@@ -597,8 +593,7 @@ def pack_scene(meshes: Sequence[Any], material_names: Sequence[str]) -> dict[str
     Per image the kernel also needs each mesh's ``mesh_from_world`` (:func:`pack_poses`).
     """
     bvhs = [mesh_bvh(m) for m in meshes]
-    tmp = MeshPass(list(meshes), [], Intervals.empty(0), np.zeros((len(meshes), 0, 0)), 0, 0)
-    names, channel = tmp.material_channels(material_names)
+    names, channel = mesh_material_channels(meshes, material_names)
     node_rows, tri_rows, mesh_rows = [], [], []
     n_off = s_off = 0
     for m, bvh, c in zip(meshes, bvhs, channel, strict=True):

@@ -350,6 +350,42 @@ struct Ray {
     float b0, b1, b2, g0, g1, g2;
 };
 
+// A pixel's ray in index coordinates (float64): source s, direction d (per world mm of t), and the
+// part [t0, t1] (world mm) inside the volume's box and before the detector.
+struct RayGeometry {
+    double s0, s1, s2, d0, d1, d2, t0, t1;
+};
+
+// Reference: camera_rays_ijk and clip_rays_to_box.
+__device__ __forceinline__ RayGeometry ray_geometry(const Params& p, const double* cam, int u, int v) {
+    RayGeometry g;
+    const double pu = (double)u, pv = (double)v;
+    const double cx = cam[9] * pu + cam[10] * pv + cam[11];
+    const double cy = cam[12] * pv + cam[13];
+    const double nrm = sqrt(cx * cx + cy * cy + 1.0);
+    g.d0 = (cam[0] * pu + cam[1] * pv + cam[2]) / nrm;
+    g.d1 = (cam[3] * pu + cam[4] * pv + cam[5]) / nrm;
+    g.d2 = (cam[6] * pu + cam[7] * pv + cam[8]) / nrm;
+    g.s0 = cam[14], g.s1 = cam[15], g.s2 = cam[16];
+    const double t_det = cam[17] * nrm;
+    const double INF = __longlong_as_double(0x7ff0000000000000LL);
+    double t_near = -INF, t_far = INF;
+    slab(g.s0, g.d0, p.nI, t_near, t_far);
+    slab(g.s1, g.d1, p.nJ, t_near, t_far);
+    slab(g.s2, g.d2, p.nK, t_near, t_far);
+    g.t0 = fmax(t_near, 0.0);
+    g.t1 = fmin(t_far, t_det);
+    return g;
+}
+
+// Dominant index axis of a direction (first maximum, like numpy.argmax): Joseph's slice axis.
+__device__ __forceinline__ int dominant_axis(double d0, double d1, double d2) {
+    int a = 0;
+    if (fabs(d1) > fabs(d0)) a = 1;
+    if (fabs(d2) > fabs(pick3(a, d0, d1, d2))) a = 2;
+    return a;
+}
+
 // Ray set-up in float64 (reference: camera_rays_ijk, clip_rays_to_box and the two methods' sample points).
 template <int METHOD>
 __device__ __forceinline__ Ray setup_ray(const Params& p, const double* cam, const u32* info, int u, int v) {
@@ -359,29 +395,14 @@ __device__ __forceinline__ Ray setup_ray(const Params& p, const double* cam, con
     r.c0 = 0;
     r.h = 0.0f;
     r.b0 = r.b1 = r.b2 = r.g0 = r.g1 = r.g2 = 0.0f;
-    const double pu = (double)u, pv = (double)v;
-    const double cx = cam[9] * pu + cam[10] * pv + cam[11];
-    const double cy = cam[12] * pv + cam[13];
-    const double nrm = sqrt(cx * cx + cy * cy + 1.0);
-    const double d0 = (cam[0] * pu + cam[1] * pv + cam[2]) / nrm;
-    const double d1 = (cam[3] * pu + cam[4] * pv + cam[5]) / nrm;
-    const double d2 = (cam[6] * pu + cam[7] * pv + cam[8]) / nrm;
-    const double s0 = cam[14], s1 = cam[15], s2 = cam[16];
-    const double t_det = cam[17] * nrm;
-    const double INF = __longlong_as_double(0x7ff0000000000000LL);
-    double t_near = -INF, t_far = INF;
-    slab(s0, d0, p.nI, t_near, t_far);
-    slab(s1, d1, p.nJ, t_near, t_far);
-    slab(s2, d2, p.nK, t_near, t_far);
-    const double t0 = fmax(t_near, 0.0);
-    const double t1 = fmin(t_far, t_det);
+    const RayGeometry geo = ray_geometry(p, cam, u, v);
+    const double d0 = geo.d0, d1 = geo.d1, d2 = geo.d2;
+    const double s0 = geo.s0, s1 = geo.s1, s2 = geo.s2;
+    const double t0 = geo.t0, t1 = geo.t1;
     const int L = (int)info[3];  // the image's always-resident layout (the principal ray's axis)
     r.flags = L;
     if (METHOD == METHOD_JOSEPH) {
-        // dominant index axis (first maximum, like numpy.argmax)
-        int a = 0;
-        if (fabs(d1) > fabs(d0)) a = 1;
-        if (fabs(d2) > fabs(pick3(a, d0, d1, d2))) a = 2;
+        const int a = dominant_axis(d0, d1, d2);
         const double da = pick3(a, d0, d1, d2), sa = pick3(a, s0, s1, s2);
         const double a0 = sa + t0 * da;
         const double a1 = sa + t1 * da;
@@ -612,6 +633,101 @@ __device__ __forceinline__ void finish_body(const Params& p) {
 
 extern "C" __global__ void __launch_bounds__(256) drr_finish_m4(const Params p) { finish_body<4>(p); }
 extern "C" __global__ void __launch_bounds__(256) drr_finish_m8(const Params p) { finish_body<8>(p); }
+
+// ------------------------------------------------------------------------------------- meshes
+
+// The CT's line integrals with meshes (reference: mesh_reference.line_integrals_with_meshes). Per pixel:
+// ``ct`` (B, M, H, W) from drr_march_*; ``intervals`` (B, H, W, kmax) double2 and ``n_intervals`` (B, H, W)
+// from mesh.cu's mesh_trace: the sorted union of the replacing meshes' inside-intervals [x, y] (world mm of
+// t), or null pointers when no mesh replaces. Each interval becomes the range of march samples whose t lies
+// in it, the same rule as the reference's ct_line_integrals_inside:
+//   trilinear  t_k = t0 + (k + 1/2) h:            k in [ceil((x - t0)/h - 1/2), floor((y - t0)/h - 1/2)];
+//   Joseph     slice c at t_c = (c - s_a) / d_a:  c in [ceil(min(c_x, c_y)), floor(max(c_x, c_y))],
+//              c_x = s_a + x d_a (slice index k = c - c_lo),
+// clipped to [0, ns - 1]; those samples are marched exactly as the march kernel does (same points, same
+// fetches) and subtracted. Output ``out`` (B, M_out, H, W): max(ct - inside, 0) for the CT's M channels,
+// 0 for the mesh materials the CT lacks (mesh.cu's mesh_add_chords adds every mesh afterwards).
+template <int C, int NT, int EXACT, int METHOD>
+__device__ __forceinline__ void mesh_ct_body(const Params& p, const float* __restrict__ ct,
+                                             const double2* __restrict__ intervals,
+                                             const int* __restrict__ n_intervals, int kmax,
+                                             float* __restrict__ out, int M_out) {
+    constexpr int MAXM = (NT == 1) ? C : 8;
+    const int u = blockIdx.x * blockDim.x + threadIdx.x;
+    const int v = blockIdx.y * blockDim.y + threadIdx.y;
+    const int b = blockIdx.z;
+    if (u >= p.W || v >= p.H) return;
+    const size_t HW = (size_t)p.H * p.W;
+    const size_t pix = (size_t)v * p.W + u;
+    float inside[8];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) inside[m] = 0.0f;
+    float h = 0.0f;
+    const int ni = n_intervals ? n_intervals[(size_t)b * HW + pix] : 0;
+    if (ni > 0) {
+        const u32* info = reinterpret_cast<const u32*>(p.info) + INFO_STRIDE * b;
+        const double* cam = reinterpret_cast<const double*>(p.cams) + CAM_STRIDE * b;
+        const Ray r = setup_ray<METHOD>(p, cam, info, u, v);
+        h = r.h;
+        const RayGeometry geo = ray_geometry(p, cam, u, v);
+        const int a = dominant_axis(geo.d0, geo.d1, geo.d2);
+        const double da = pick3(a, geo.d0, geo.d1, geo.d2), sa = pick3(a, geo.s0, geo.s1, geo.s2);
+        const double hd = METHOD == METHOD_TRILINEAR ? fmax(geo.t1 - geo.t0, 0.0) / fmax((double)r.ns, 1.0) : 1.0;
+        const double c_lo = METHOD == METHOD_JOSEPH ? ceil(fmin(sa + geo.t0 * da, sa + geo.t1 * da)) : 0.0;
+        const double2* iv = intervals + ((size_t)b * HW + pix) * kmax;
+        for (int k = 0; k < ni && r.ns > 0; ++k) {
+            const double x = iv[k].x, y = iv[k].y;
+            double j_lo, j_hi;
+            if (METHOD == METHOD_TRILINEAR) {
+                j_lo = ceil((x - geo.t0) / hd - 0.5);
+                j_hi = floor((y - geo.t0) / hd - 0.5);
+            } else {
+                const double cx = sa + x * da, cy = sa + y * da;
+                j_lo = ceil(fmin(cx, cy)) - c_lo;
+                j_hi = floor(fmax(cx, cy)) - c_lo;
+            }
+            j_lo = fmax(j_lo, 0.0);
+            j_hi = fmin(j_hi, (double)(r.ns - 1));
+            if (!(j_hi >= j_lo)) continue;
+            const int j0 = (int)j_lo;
+            const float fj = (float)j0;
+            Ray sub = r;  // samples j0 .. j_hi of the ray: the same points, base moved to sample j0
+            sub.ns = (int)j_hi - j0 + 1;
+            sub.c0 = r.c0 + j0;
+            sub.b0 = fmaf(fj, r.g0, r.b0);
+            sub.b1 = fmaf(fj, r.g1, r.b1);
+            sub.b2 = fmaf(fj, r.g2, r.b2);
+            march_ray<C, NT, EXACT, METHOD>(p, sub, inside);
+        }
+    }
+    const float scale_cm = h * 0.1f;
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) {
+        if (m < p.M) {
+            const float c = ct[((size_t)b * p.M + m) * HW + pix];
+            out[((size_t)b * M_out + m) * HW + pix] = fmaxf(c - inside[m] * scale_cm, 0.0f);
+        }
+    }
+    for (int m = p.M; m < M_out; ++m) out[((size_t)b * M_out + m) * HW + pix] = 0.0f;
+}
+
+// drr_mesh_ct_<method>_c<C>_t<NT>_<hw|exact>: the CT minus what replacing meshes remove, widened to M_out.
+#define MESH_CT_KERNEL(M, METHOD, C, NT, EXACT, F)                                                            \
+    extern "C" __global__ void __launch_bounds__(256) drr_mesh_ct_##M##_c##C##_t##NT##_##F(                    \
+        const Params p, const float* ct, const double2* intervals, const int* n_intervals, int kmax, float* out, \
+        int M_out) {                                                                                             \
+        mesh_ct_body<C, NT, EXACT, METHOD>(p, ct, intervals, n_intervals, kmax, out, M_out);                    \
+    }
+#define MESH_CT_KERNELS(C, NT)                                         \
+    MESH_CT_KERNEL(joseph, METHOD_JOSEPH, C, NT, 0, hw)                \
+    MESH_CT_KERNEL(joseph, METHOD_JOSEPH, C, NT, 1, exact)             \
+    MESH_CT_KERNEL(trilinear, METHOD_TRILINEAR, C, NT, 0, hw)          \
+    MESH_CT_KERNEL(trilinear, METHOD_TRILINEAR, C, NT, 1, exact)
+
+MESH_CT_KERNELS(1, 1)
+MESH_CT_KERNELS(2, 1)
+MESH_CT_KERNELS(4, 1)
+MESH_CT_KERNELS(4, 2)
 
 // ------------------------------------------------------------------------------------- neglog pass 2
 

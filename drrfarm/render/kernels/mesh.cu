@@ -11,9 +11,10 @@
 // Outputs (each optional, a null pointer skips it):
 //   chords      (B, NM, H, W) float32: path length (mm) through each mesh;
 //   lint        (B, M, H, W)  float32: += density * chord / 10 (g/cm2) in the mesh's material channel;
-//   intervals   (B, H, W, kmax) float2 and n_intervals (B, H, W) int: the per-ray union of the
+//   intervals   (B, H, W, kmax) double2 and n_intervals (B, H, W) int: the per-ray union of the
 //               *replacing* meshes' intervals, sorted and disjoint (touching intervals merged). A CT
-//               march skips every sample whose t lies in a closed interval [x, y].
+//               march skips every sample whose t lies in a closed interval [x, y] (float64, so the
+//               GPU's skip decisions are the CPU reference's).
 //   overflow    u32[2]: rays whose hit list (MESH_MAX_HITS per mesh) or union (kmax) overflowed
 //               (the result of such a ray is incomplete: fall back to the CPU reference for it).
 // No CUDA headers, no curand.  Scene layout: drrfarm.render.mesh_reference.pack_scene / pack_poses /
@@ -41,7 +42,7 @@ struct MeshParams {
     u64 density;      // const float* (NM)
     u64 chords;       // float* (B, NM, H, W) or 0
     u64 lint;         // float* (B, M, H, W) or 0
-    u64 intervals;    // float2* (B, H, W, kmax) or 0
+    u64 intervals;    // double2* (B, H, W, kmax) or 0
     u64 n_intervals;  // int* (B, H, W) or 0
     u64 overflow;     // u32* [2] or 0
     int H, W, B, NM;
@@ -264,10 +265,10 @@ extern "C" __global__ void __launch_bounds__(128) mesh_trace(const MeshParams p)
     }
 
     if (p.intervals) {
-        float2* out = reinterpret_cast<float2*>(p.intervals) + ((size_t)b * HW + pix) * p.kmax;
+        double2* out = reinterpret_cast<double2*>(p.intervals) + ((size_t)b * HW + pix) * p.kmax;
         const int n = min(nu, p.kmax);
         if (nu > p.kmax) union_overflow = true;
-        for (int k = 0; k < n; ++k) out[k] = make_float2((float)ua[k], (float)ub[k]);
+        for (int k = 0; k < n; ++k) out[k] = make_double2(ua[k], ub[k]);
         if (p.n_intervals) reinterpret_cast<int*>(p.n_intervals)[(size_t)b * HW + pix] = n;
     }
     if (p.overflow) {
@@ -288,11 +289,11 @@ extern "C" __global__ void mesh_count_skipped(const MeshParams p, const double* 
     const int b = blockIdx.z;
     if (u >= p.W || v >= p.H) return;
     const size_t i = ((size_t)b * p.H + v) * p.W + u;
-    const float2* iv = reinterpret_cast<const float2*>(p.intervals) + i * p.kmax;
+    const double2* iv = reinterpret_cast<const double2*>(p.intervals) + i * p.kmax;
     const int ni = reinterpret_cast<const int*>(p.n_intervals)[i];
     int skipped = 0, cur = 0;
     for (int k = 0; k < n[i]; ++k) {
-        const float tk = (float)(t0[i] + ((double)k + 0.5) * h[i]);
+        const double tk = t0[i] + ((double)k + 0.5) * h[i];
         while (cur < ni && tk > iv[cur].y) ++cur;  // intervals are sorted: walk a pointer
         if (cur < ni && tk >= iv[cur].x) ++skipped;
     }
