@@ -33,7 +33,14 @@ Row layout produced by every reader (one row = one image):
 * strings (``volume_id``, ``shard_id``, ``sweep_id``, ``spectrum_name``, ``detector``, ``output``,
   ``volume_sha256``, ``image_dtype``; ``""`` = null) only when named in ``columns`` (or ``columns="all"``): Ray's
   ``iter_torch_batches`` cannot turn strings into tensors, so the default is the image plus every
-  numeric column. Extra columns written by the farm (landmarks, ...) follow the same rule.
+  numeric column. Extra columns written by the farm (landmarks, ...) follow the same rule;
+* annotations of sweeps with ``tools`` / ``labels`` / ``landmarks`` (absent from older datasets):
+  ``masks`` (L, H, W) bool and ``thickness_mm`` (L, H, W) float32 (decoded from the packed bytes,
+  :mod:`drrfarm.sinks.annotations`; names in the file metadata ``drrfarm.mask_names``), ``mask_count``
+  (int64), ``landmarks_uv`` (N, 2) float64 pixels (NaN behind the source), ``landmarks_visible`` (N,)
+  bool, ``landmarks_depth_mm`` (N,) float64 (names: ``drrfarm.landmark_names``) and
+  ``tool_world_from_mesh`` (T, 4, 4) float64 (names: ``drrfarm.tool_names``). The torch datasets read
+  ``masks`` / ``thickness_mm`` with the image, one row group at a time.
 """
 
 from __future__ import annotations
@@ -70,6 +77,13 @@ VECTOR_SHAPES: dict[str, tuple[int, ...]] = {
     "source_world_mm": (3,),
     "isocentre_world_mm": (3,),
 }
+#: list columns reshaped per row: name -> trailing shape (the leading axis is the list's length)
+LIST_ROW_SHAPES: dict[str, tuple[int, ...]] = {"landmarks_uv": (2,), "tool_world_from_mesh": (4, 4)}
+#: list columns of flags
+BOOL_LISTS = frozenset({"landmarks_visible"})
+#: pixel annotations decoded with the image (binary cells; sinks.annotations) and the columns they need
+PIXEL_COLUMNS = ("masks", "thickness_mm")
+PIXEL_DEPENDS = ("mask_count",)
 #: integer columns that may legitimately be null: read as float64, NaN = null
 NULLABLE_INT_AS_FLOAT = frozenset({"photons"})
 INT_NULL = -1
@@ -245,7 +259,7 @@ def _select_columns(schema: pa.Schema, columns: Sequence[str] | str | None) -> l
     """Metadata columns to return (without the image)."""
     names = [n for n in schema.names if n != IMAGE]
     if columns is None:
-        return [n for n in names if _is_numeric(schema.field(n).type)]
+        return [n for n in names if _is_numeric(schema.field(n).type) or n in PIXEL_COLUMNS]
     if isinstance(columns, str):
         if columns == "all":
             return names
@@ -293,6 +307,11 @@ def column_to_numpy(name: str, col: Any) -> np.ndarray:
             raise StorageError(f"column {name!r}: expected {per} values per row")
         out = np.full((n, *shape), np.nan)
         out[valid] = values.reshape(len(present), *shape)
+        if name in LIST_ROW_SHAPES:
+            tail = LIST_ROW_SHAPES[name]
+            out = out.reshape(n, shape[0] // int(np.prod(tail)), *tail)
+        elif name in BOOL_LISTS:
+            out = np.nan_to_num(out) != 0
         return out
     if pa.types.is_integer(t):
         if name in NULLABLE_INT_AS_FLOAT:
@@ -333,8 +352,25 @@ def decode_table(table: Any, columns: Sequence[str], *, float_line_integral: boo
     arrays: ``image`` (B, H, W) plus ``columns`` (see the module doc for dtypes and shapes)."""
     out: dict[str, Any] = {IMAGE: decode_images_any_shape(table, float_line_integral=float_line_integral)}
     for name in columns:
-        out[name] = column_to_numpy(name, table.column(name))
+        out[name] = decode_pixel_column(table, name) if name in PIXEL_COLUMNS else \
+            column_to_numpy(name, table.column(name))
     return out
+
+
+def decode_pixel_column(table: Any, name: str) -> np.ndarray:
+    """``masks`` (B, L, H, W) bool or ``thickness_mm`` (B, L, H, W) float32 of a shard table."""
+    from drrfarm.sinks.annotations import decode_pixel_column as decode
+
+    def values(col: str) -> list[Any]:
+        return _combine(table.column(col)).to_pylist()
+
+    return decode(name, values(name), values("mask_count"), values("height"), values("width"))
+
+
+def read_columns(columns: Sequence[str]) -> list[str]:
+    """The Parquet columns to read for ``columns`` (the image, its decode columns, pixel dependencies)."""
+    deps = PIXEL_DEPENDS if any(c in PIXEL_COLUMNS for c in columns) else ()
+    return list(dict.fromkeys([IMAGE, *DECODE_COLUMNS, *deps, *columns]))
 
 
 class _RayDecoder:
@@ -357,7 +393,8 @@ class _RayDecoder:
         if table.num_rows == 0 and self.empty_image is not None:
             dtype, h, w = self.empty_image
             out = {IMAGE: np.zeros((0, h, w), np.float32 if self.float_line_integral else dtype)}
-            out.update({c: column_to_numpy(c, table.column(c)) for c in self.columns})
+            out.update({c: decode_pixel_column(table, c) if c in PIXEL_COLUMNS else column_to_numpy(c, table.column(c))
+                        for c in self.columns})
             return out
         out = decode_table(table, self.columns, float_line_integral=self.float_line_integral)
         if isinstance(out[IMAGE], list):
@@ -452,7 +489,7 @@ def _read_drrs(
         ds = ds.filter(expr=_ray_expression(d))
     for e in ray_exprs:
         ds = ds.filter(expr=e)
-    read_cols = list(dict.fromkeys([IMAGE, *DECODE_COLUMNS, *out_columns]))
+    read_cols = read_columns(out_columns)
     arrow_filter = None
     for e in arrow_exprs:
         arrow_filter = e if arrow_filter is None else arrow_filter & e
@@ -596,6 +633,7 @@ class _DrrIndex:
         with self.store.open_read(manifest.keys_of("parquet")[0]) as fh:
             schema = pq.read_schema(fh)
         self.columns = _select_columns(schema, columns)
+        self.pixel_columns = [c for c in self.columns if c in PIXEL_COLUMNS]
 
         dict_filters: list[dict[str, list[Any]]] = []
         arrow_filter = None
@@ -614,7 +652,7 @@ class _DrrIndex:
         entries = _prune_entries(manifest, dict_filters)
         self.paths: list[str] = [self.store.path(k) for e in entries for k in e.keys_of("parquet")]
         self._keys: list[str] = [k for e in entries for k in e.keys_of("parquet")]
-        meta_cols = [n for n in schema.names if n != IMAGE]
+        meta_cols = [n for n in schema.names if n != IMAGE and n not in PIXEL_COLUMNS]
         tables = []
         groups: list[_Group] = []
         first = 0
@@ -636,7 +674,8 @@ class _DrrIndex:
         self.n = first
         meta = pa.concat_tables(tables, promote_options="permissive") if tables else None
         self.meta: dict[str, np.ndarray] = (
-            {c: column_to_numpy(c, meta.column(c)) for c in self.columns} if meta is not None else {}
+            {c: column_to_numpy(c, meta.column(c)) for c in self.columns if c not in PIXEL_COLUMNS}
+            if meta is not None else {}
         )
         self._group_starts = np.array([g.first for g in groups] + [first], np.int64)
         self._cache: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
@@ -671,7 +710,7 @@ class _DrrIndex:
                 self._cache.move_to_end(key)
                 return tab
         with self.store.open_read(self._keys[g.file]) as fh:
-            tab = pq.ParquetFile(fh).read_row_group(g.row_group, columns=[IMAGE, *DECODE_COLUMNS])
+            tab = pq.ParquetFile(fh).read_row_group(g.row_group, columns=read_columns(self.pixel_columns))
         with self._lock:
             self._cache[key] = tab
             while len(self._cache) > self.cache_row_groups:
@@ -688,9 +727,21 @@ class _DrrIndex:
         img = decode_images_any_shape(tab.slice(pos, 1), float_line_integral=self.float_line_integral)[0]
         return np.array(img)  # own, writable copy (torch dislikes read-only Arrow views)
 
+    def pixels_of(self, tab: Any, pos: int) -> dict[str, np.ndarray]:
+        """The selected pixel annotations (masks, thickness) of one row of a row group."""
+        one = tab.slice(pos, 1)
+        return {c: decode_pixel_column(one, c)[0] for c in self.pixel_columns}
+
     def group_images(self, g: _Group) -> np.ndarray | list[np.ndarray]:
         tab = self.read_group(g).take(g.rows)
         return decode_images_any_shape(tab, float_line_integral=self.float_line_integral)
+
+    def group_pixels(self, g: _Group) -> dict[str, np.ndarray]:
+        """The selected pixel annotations of a row group's kept rows: name -> (n, L, H, W)."""
+        if not self.pixel_columns:
+            return {}
+        tab = self.read_group(g).take(g.rows)
+        return {c: decode_pixel_column(tab, c) for c in self.pixel_columns}
 
 
 def read_metadata(
@@ -772,8 +823,10 @@ def _define_torch_classes() -> None:
 
         def __getitem__(self, i: int) -> dict[str, Any]:
             g, pos = self.index.locate(int(i))
-            img = self.index.image_of(self.index.read_group(g), pos)
-            row = _to_torch_row(self.index.row(int(i) % self.index.n, img))
+            tab = self.index.read_group(g)
+            row = self.index.row(int(i) % self.index.n, self.index.image_of(tab, pos))
+            row.update(self.index.pixels_of(tab, pos))
+            row = _to_torch_row(row)
             return self.transform(row) if self.transform is not None else row
 
         @property
@@ -877,11 +930,14 @@ def _define_torch_classes() -> None:
             for gi in self._my_groups():
                 g = self.index.groups[gi]
                 imgs = self.index.group_images(g)
+                pixels = self.index.group_pixels(g)
                 order = np.arange(len(g.rows))
                 if self.shuffle:
                     rng.shuffle(order)
                 for k in order:
-                    row = _to_torch_row(self.index.row(g.first + int(k), np.array(imgs[int(k)])))
+                    row = self.index.row(g.first + int(k), np.array(imgs[int(k)]))
+                    row.update({c: np.array(a[int(k)]) for c, a in pixels.items()})
+                    row = _to_torch_row(row)
                     yield self.transform(row) if self.transform is not None else row
 
     for cls in (DrrTorchDataset, DrrIterableDataset, RowGroupSampler):

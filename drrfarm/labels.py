@@ -28,6 +28,7 @@ import numpy as np
 
 from drrfarm.errors import VolumeError
 from drrfarm.render import reference
+from drrfarm.sinks.annotations import pack_mask_bits, unpack_mask_bits
 
 __all__ = ["LabelImages", "LabelProjector", "mesh_label_images", "unpack_bits"]
 
@@ -66,11 +67,7 @@ class LabelImages:
 
     def pack_bits(self) -> np.ndarray:
         """(ceil(L / 16), H, W) uint16: bit ``i % 16`` of plane ``i // 16`` is mask ``i``."""
-        L, H, W = self.masks.shape
-        out = np.zeros(((L + 15) // 16, H, W), dtype=np.uint16)
-        for i in range(L):
-            out[i // 16] |= self.masks[i].astype(np.uint16) << np.uint16(i % 16)
-        return out
+        return pack_mask_bits(self.masks)
 
     def areas_px(self) -> dict[str, int]:
         """Mask area (pixels) per label name."""
@@ -79,8 +76,7 @@ class LabelImages:
 
 def unpack_bits(planes: np.ndarray, n_labels: int) -> np.ndarray:
     """Inverse of :meth:`LabelImages.pack_bits`: (P, H, W) uint16 -> (n_labels, H, W) bool."""
-    planes = np.asarray(planes, dtype=np.uint16)
-    return np.stack([(planes[i // 16] >> np.uint16(i % 16)) & 1 for i in range(n_labels)]).astype(bool)
+    return unpack_mask_bits(planes, n_labels)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ are cut into chunks of ``output.shard_size``; each chunk is a shard, numbered in
 * random poses: drawn once from ``PCG64(SeedSequence(poses.seed))`` (or, without ``poses.seed``,
   ``SeedSequence(seed, spawn_key=(1,))``), axis by axis in the order alpha, beta, gamma, sdd,
   sid, then the isocentre jitter; the C-arm grid is the product of the fixed-value axes (alpha
-  outermost) with ``samples`` random draws per grid point (innermost).
+  outermost) with ``samples`` random draws per grid point (innermost);
+* tool poses (``tools:``): one generator per (volume, pose, tool),
+  ``PCG64(SeedSequence(seed, spawn_key=(2, volume_index, pose_index, tool_index)))`` — so a tool sits
+  in the same place in every spectrum and photon setting of one pose, independent of the shard layout.
 
 Everything here is pure NumPy: no Ray, no I/O beyond what :mod:`spec` already read.
 """
@@ -43,6 +46,12 @@ def pose_seed_sequence(spec: SweepSpec) -> np.random.SeedSequence:
     if spec.poses.seed is not None:
         return np.random.SeedSequence(int(spec.poses.seed))
     return np.random.SeedSequence(int(spec.seed), spawn_key=(1,))
+
+
+def tool_pose_rng(global_seed: int, volume_index: int, pose_index: int, tool_index: int) -> np.random.Generator:
+    """The generator one tool's pose is drawn from for one (volume, pose) (see the module doc)."""
+    seq = np.random.SeedSequence(int(global_seed), spawn_key=(2, int(volume_index), int(pose_index), int(tool_index)))
+    return np.random.Generator(np.random.PCG64(seq))
 
 
 def shard_id(sweep_id: str, index: int) -> str:
@@ -289,6 +298,19 @@ class Plan:
         lines.append(f"photons:   {self.n_photons}  ({ph}); detector {spec.detector.model}, "
                      f"output {spec.detector.output}")
         lines.append(f"image:     {spec.image.height} x {spec.image.width} px @ {spec.image.pixel_mm:g} mm")
+        for t in spec.tools:
+            how = "random trajectory" if t.pose.is_random else "fixed pose"
+            lines.append(f"tool:      {t.name}: {t.mesh} [{t.material or 'default material'}, "
+                         f"{t.mode or 'default mode'}; {how}]")
+        if spec.labels is not None:
+            lb = spec.labels
+            what = f"{lb.label_map} ({len(lb.values) or 'all'} labels)" if lb.label_map else "no label map"
+            lines.append(f"labels:    {what}; tool masks {'on' if lb.tools else 'off'}; "
+                         f"thickness {'on' if lb.thickness else 'off'}")
+        if spec.landmarks is not None:
+            lm = spec.landmarks
+            src = lm.file or (f"{len(lm.points)} inline points" if lm.points else "no points")
+            lines.append(f"landmarks: {src}{'; tool tips' if lm.tool_tips else ''}")
         lines.append(f"images:    {self.n_images}  ({self.n_volumes} volumes x {self.n_spectra} spectra x "
                      f"{self.n_photons} photon settings x {self.n_poses} poses)")
         lines.append(f"shards:    {self.n_shards}  (up to {spec.output.shard_size} images each)")

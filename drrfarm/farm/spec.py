@@ -32,9 +32,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from drrfarm.errors import SpecError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from drrfarm.farm.spec_scene import LabelsSpec, LandmarksSpec, ToolSpec
 
 SPEC_VERSION = 1
 
@@ -341,6 +344,9 @@ class SweepSpec:
     backend: str = "auto"
     seed: int = 0
     name: str | None = None
+    tools: tuple[ToolSpec, ...] = ()  # drrfarm.farm.spec_scene
+    labels: LabelsSpec | None = None
+    landmarks: LandmarksSpec | None = None
     source: str = "<dict>"  # the file it was read from
     raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
@@ -358,7 +364,16 @@ class SweepSpec:
             "output": {"formats": list(self.output.formats), "shard_size": self.output.shard_size,
                        "image_dtype": self.output.image_dtype},
             "seed": self.seed,
+            # sections added later enter the hash only when present (older specs keep their hash)
+            **({"tools": [t.content() for t in self.tools]} if self.tools else {}),
+            **({"labels": self.labels.content()} if self.labels is not None else {}),
+            **({"landmarks": self.landmarks.content()} if self.landmarks is not None else {}),
         }
+
+    @property
+    def has_annotations(self) -> bool:
+        """True when images carry masks or landmarks (``labels`` / ``landmarks`` sections)."""
+        return self.labels is not None or self.landmarks is not None
 
     @property
     def sha256(self) -> str:
@@ -577,6 +592,17 @@ class _Validator:
         a, b, c = (self.number(x, _join(path, i), lo=lo) for i, x in enumerate(items))
         return (a, b, c)
 
+    def matrix(self, value: Any, path: str, n_rows: int, n_cols: int) -> list[float]:
+        """A matrix as nested rows or ``n_rows * n_cols`` numbers; returned flat, row-major."""
+        if isinstance(value, list) and len(value) == n_rows * n_cols and not any(isinstance(x, list) for x in value):
+            return [self.number(x, _join(path, k)) for k, x in enumerate(value)]
+        rows = self.seq(value, path, min_len=n_rows, max_len=n_rows)
+        flat: list[float] = []
+        for r, row in enumerate(rows):
+            rr = self.seq(row, _join(path, r), min_len=n_cols, max_len=n_cols)
+            flat.extend(self.number(x, _join(_join(path, r), c)) for c, x in enumerate(rr))
+        return flat
+
     def as_list(self, value: Any) -> list[Any]:
         return value if isinstance(value, list) else [value]
 
@@ -601,7 +627,7 @@ class _Validator:
         top = self.mapping(
             data, "",
             ["version", "name", "seed", "volumes", "poses", "spectra", "detector", "image", "physics",
-             "backend", "output", "tracking", "farm"],
+             "backend", "output", "tracking", "farm", "tools", "labels", "landmarks"],
             required=["volumes", "poses", "spectra", "image", "output"])
         if "version" in top:
             version = self.integer(top["version"], "version")
@@ -619,9 +645,20 @@ class _Validator:
         output = self.output(top["output"], "output")
         tracking = self.tracking(top.get("tracking", {}), "tracking")
         farm = self.farm(top.get("farm", {}), "farm")
+        from drrfarm.farm import spec_scene
+
+        tools = spec_scene.tools(self, top["tools"], "tools") if "tools" in top else ()
+        labels = spec_scene.labels(self, top["labels"], "labels", len(tools)) if "labels" in top else None
+        landmarks = spec_scene.landmarks(self, top["landmarks"], "landmarks", len(tools)) \
+            if "landmarks" in top else None
+        if labels is not None and labels.label_map and spec_scene.VOLUME_ID_FIELD not in labels.label_map \
+                and len({v.path for v in volumes}) > 1:
+            self.fail("labels.label_map", f"one label map cannot describe {len(volumes)} CTs; write "
+                                          "{volume_id} in the path to name one per volume")
         return SweepSpec(volumes=volumes, poses=poses, spectra=spectra, detector=detector, image=image,
                          physics=physics, output=output, tracking=tracking, farm=farm, backend=backend,
-                         seed=seed, name=name, source=self.source, raw=data)
+                         seed=seed, name=name, tools=tools, labels=labels, landmarks=landmarks,
+                         source=self.source, raw=data)
 
     def volumes(self, value: Any, path: str) -> tuple[VolumeSpec, ...]:
         items = self.seq(value, path)
@@ -847,14 +884,7 @@ class _Validator:
         mats: list[tuple[float, ...]] = []
         for i, item in enumerate(items):
             ip = _join(mp, i)
-            if isinstance(item, list) and len(item) == 12 and not any(isinstance(x, list) for x in item):
-                flat = [self.number(x, _join(ip, k)) for k, x in enumerate(item)]
-            else:
-                rows = self.seq(item, ip, min_len=3, max_len=3)
-                flat = []
-                for r, row in enumerate(rows):
-                    rr = self.seq(row, _join(ip, r), min_len=4, max_len=4)
-                    flat.extend(self.number(x, _join(_join(ip, r), c)) for c, x in enumerate(rr))
+            flat = self.matrix(item, ip, 3, 4)
             # M = P[:, :3] must be invertible for a pinhole camera
             a = flat
             det = (a[0] * (a[5] * a[10] - a[6] * a[9]) - a[1] * (a[4] * a[10] - a[6] * a[8])

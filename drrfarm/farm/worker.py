@@ -142,11 +142,12 @@ def image_rows(spec: SweepSpec, task: ShardTask, cameras: list[Any], spectrum: A
 
 
 class _Resident:
-    __slots__ = ("handle", "info")
+    __slots__ = ("handle", "info", "scene")
 
-    def __init__(self, handle: Any, info: dict[str, Any]) -> None:
+    def __init__(self, handle: Any, info: dict[str, Any], scene: Any = None) -> None:
         self.handle = handle
         self.info = info
+        self.scene = scene  # drrfarm.farm.scene.VolumeScene, or None without tools/labels/landmarks
 
 
 class RenderWorker:
@@ -242,11 +243,19 @@ class RenderWorker:
 
     def volume(self, index: int) -> tuple[Any, dict[str, Any], bool]:
         """``(backend handle, volume info, loaded_now)`` of volume ``index`` of the spec."""
+        res, loaded = self._resident(index)
+        return res.handle, res.info, loaded
+
+    def scene(self, index: int) -> Any:
+        """The :class:`~drrfarm.farm.scene.VolumeScene` of volume ``index`` (None without tools/labels/landmarks)."""
+        return self._resident(index)[0].scene
+
+    def _resident(self, index: int) -> tuple[_Resident, bool]:
         with self._state_lock:
             res = self._volumes.get(index)
             if res is not None:
                 self._volumes.move_to_end(index)
-                return res.handle, res.info, False
+                return res, False
         vspec = self.spec.volumes[index]
         t0 = time.perf_counter()
         volume, mv, wfp = load_material_volume(vspec)
@@ -256,11 +265,17 @@ class RenderWorker:
                 "spacing_mm": [float(s) for s in volume.spacing_mm],
                 "materials": list(mv.material_names), "load_s": time.perf_counter() - t0}
         del volume, mv
+        scene = None
+        if self.spec.tools or self.spec.has_annotations:
+            from drrfarm.farm.scene import VolumeScene
+
+            scene = VolumeScene(self.spec, index, wfp, resolve_input)
+        res = _Resident(handle, info, scene)
         with self._state_lock:
-            self._volumes[index] = _Resident(handle, info)
+            self._volumes[index] = res
             while len(self._volumes) > self.max_volumes:
                 self._volumes.popitem(last=False)
-        return handle, info, True
+        return res, True
 
     def spectrum(self, index: int) -> Any:
         s = self._spectra.get(index)
@@ -279,13 +294,23 @@ class RenderWorker:
         photons = self.spec.detector.photons[task.photons_index]
         physics = physics_for(self.spec, photons)
         cameras = [camera_for(self.spec, p) for p in task.poses]
-        images = self.backend().render(handle, cameras, spectrum, physics, list(task.seeds))
+        scene = self.scene(task.volume_index)
+        tools = [scene.tools_for(p.index) for p in task.poses] if scene is not None and scene.tools else None
+        if tools:
+            images = self.backend().render(handle, cameras, spectrum, physics, list(task.seeds), meshes=tools)
+        else:
+            images = self.backend().render(handle, cameras, spectrum, physics, list(task.seeds))
         images = np.ascontiguousarray(images, dtype=np.float32)
         rows = image_rows(self.spec, task, cameras, spectrum, photons, vinfo["volume_id"], vinfo["sha256"])
         scale = storage_scale(self.spec.detector.output)
-        for r in rows:
+        for i, r in enumerate(rows):
             r["image_scale"] = scale
-        return images, rows, {"volume": vinfo, "volume_loaded": loaded}
+            if scene is not None:
+                r.update(scene.annotate(cameras[i], tools[i] if tools else []))
+        info = {"volume": vinfo, "volume_loaded": loaded}
+        if scene is not None:
+            info["file_metadata"] = scene.file_metadata()
+        return images, rows, info
 
     def _replace_writer(self, failed: Any) -> None:
         """An AsyncShardWriter re-raises its first failure forever: swap in a fresh one."""
@@ -300,15 +325,17 @@ class RenderWorker:
 
         threading.Thread(target=_drain, name="drrfarm-writer-drain", daemon=True).start()
 
-    def _submit(self, shard_id: str, images: np.ndarray, rows: list[dict[str, Any]]) -> tuple[Any, Any]:
+    def _submit(self, shard_id: str, images: np.ndarray, rows: list[dict[str, Any]],
+                extra_metadata: dict[str, str] | None = None) -> tuple[Any, Any]:
         writer = self.writer
+        meta = {**self.file_metadata, **(extra_metadata or {})}
         try:
-            return writer, writer.submit(shard_id, images, rows, dict(self.file_metadata))
+            return writer, writer.submit(shard_id, images, rows, meta)
         except DrrfarmError:
             # an earlier shard's failure surfacing here: this shard was never queued; retry on a new writer
             self._replace_writer(writer)
             writer = self.writer
-            return writer, writer.submit(shard_id, images, rows, dict(self.file_metadata))
+            return writer, writer.submit(shard_id, images, rows, meta)
 
     def render_shard(self, task: ShardTask) -> dict[str, Any]:
         """Render and commit one shard; returns its stats once the manifest entry exists."""
@@ -317,7 +344,7 @@ class RenderWorker:
             t1 = time.perf_counter()
             images, rows, info = self.render_images(task)
             t2 = time.perf_counter()
-            writer, future = self._submit(task.shard_id, images, rows)
+            writer, future = self._submit(task.shard_id, images, rows, info.get("file_metadata"))
         try:
             entry = future.result()
         except BaseException:

@@ -27,6 +27,7 @@ import numpy as np
 
 from drrfarm.errors import DrrfarmError, StorageError
 from drrfarm.sinks import manifest as _manifest
+from drrfarm.sinks.annotations import parquet_cells, png_files, split_pixel_fields
 from drrfarm.sinks.manifest import ShardEntry
 from drrfarm.sinks.store import Store, check_shard_id, open_store
 
@@ -179,8 +180,10 @@ class ShardSink:
             stored_scales = np.ones(b)
 
         norm: list[dict[str, Any]] = []
+        pixel_fields: list[dict[str, np.ndarray]] = []  # masks / thickness per row (sinks.annotations)
         for i, r in enumerate(rows):
-            row = dict(r)
+            row, fields = split_pixel_fields(r, h, w, f"shard {shard_id}: row {i}")
+            pixel_fields.append(fields)
             for key, want in (("shard_id", shard_id), ("height", h), ("width", w)):
                 if row.get(key) is not None and row[key] != want:
                     raise StorageError(f"shard {shard_id}: row {i} has {key}={row[key]!r}, expected {want!r}")
@@ -209,8 +212,9 @@ class ShardSink:
 
         files: dict[str, bytes] = {}
         if "parquet" in self.formats:
+            parquet_rows = [{**row, **parquet_cells(f)} for row, f in zip(norm, pixel_fields, strict=True)]
             files[parquet_key(shard_id)] = encode_parquet(
-                stored, norm, meta, rows_per_row_group=self.rows_per_row_group,
+                stored, parquet_rows, meta, rows_per_row_group=self.rows_per_row_group,
                 compression=self.parquet_compression, compression_level=self.parquet_compression_level,
             )
         if "png" in self.formats:
@@ -219,7 +223,9 @@ class ShardSink:
                 if png_key in files:
                     raise StorageError(f"shard {shard_id}: two images map to {png_key}")
                 files[png_key] = encode_png16(q[i], compress_level=self.png_compress_level)
-                side = {**row, "image_dtype": "uint16", "image_scale": float(scales[i])}
+                extra, side_keys = png_files(pixel_fields[i], png_key, self.png_compress_level)
+                files.update(extra)
+                side = {**row, **side_keys, "image_dtype": "uint16", "image_scale": float(scales[i])}
                 files[json_key] = sidecar_json(side, meta, png_key)
 
         entry = ShardEntry(
