@@ -87,11 +87,11 @@ def test_mesh_line_integrals_match_the_cpu(backends, volume, method: str) -> Non
             if ref[b, m].max() > 0:
                 assert rel_max(got[b, m], ref[b, m]) <= 1e-3, (b, names[m])
         assert rel_max(got[b].sum(0), ref[b].sum(0)) <= 1e-3
-    # the replacing screws removed bone: less bone than without them where they are
+    # the replacing screws removed bone where they sit in it (their heads stick out into water)
     plain = exact.line_integrals(exact.prepare(volume), CAMERAS[:1], physics)[0]
     bone = names.index("bone")
-    inside = trace_meshes(meshes[0][:2], CAMERAS[0]).chords_mm.sum(0) > 3.0
-    assert np.all(got[0, bone][inside] < plain[bone][inside] - 0.1)
+    assert np.count_nonzero(got[0, bone] < plain[bone] - 0.1) > 50
+    assert np.all(got[0, bone] <= plain[bone] + 1e-3)
 
 
 def test_mesh_images_match_the_cpu(backends, volume) -> None:

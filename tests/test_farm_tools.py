@@ -187,6 +187,27 @@ def test_replacing_screw_removes_bone_along_its_chord(phantom: Path) -> None:
     np.testing.assert_allclose(img1[chord == 0], img0[chord == 0], rtol=1e-6, atol=1e-7)
 
 
+def test_backend_line_integral_channels_cover_every_mesh_of_the_call(phantom: Path) -> None:
+    """Images of one call may carry different meshes: channels are the CT's plus every mesh material."""
+    from drrfarm.geometry import CArm
+    from drrfarm.meshes import kwire_mesh, screw_mesh
+    from drrfarm.physics import Physics
+    from drrfarm.render import get_backend
+    from drrfarm.volume import load_volume, segment_by_thresholds
+
+    mv = segment_by_thresholds(load_volume(str(phantom / "ct.nii.gz")))
+    backend = get_backend("cpu")
+    handle = backend.prepare(mv, np.eye(4))
+    cam = CArm(height=24, width=24, pixel_mm=3.0).camera()
+    screw = screw_mesh().aligned((10.0, 0.0, 0.0), (-10.0, 0.0, 0.0))
+    wire = kwire_mesh(mode="add").aligned((0.0, 0.0, 20.0), (0.0, 0.0, -20.0))
+    out = backend.line_integrals(handle, [cam, cam, cam], Physics(), meshes=[[screw], [], [wire]])
+    assert out.shape == (3, len(mv.material_names) + 2, 24, 24)  # + titanium, steel
+    plain = backend.line_integrals(handle, [cam], Physics())[0]
+    np.testing.assert_array_equal(out[1, : plain.shape[0]], plain)
+    assert not out[1, -2:].any() and out[0, -2].any() and not out[0, -1].any() and out[2, -1].any()
+
+
 # ---------------------------------------------------------------------------------------------- worker
 
 

@@ -8,8 +8,8 @@ Meshes (:class:`drrfarm.meshes.Mesh`: tools, implants) enter ``render`` and ``li
 the same pass as the CT: ``meshes`` is one list for every image, or one list per camera (poses may
 differ per image). Additive meshes add ``density × chord / 10`` (g/cm²) to their material's channel;
 replacing meshes also remove the CT's samples inside them (:mod:`drrfarm.render.mesh_reference`).
-Line-integral channels are then :func:`output_material_names`: the CT's materials, followed by the
-mesh materials the CT lacks.
+Line-integral channels are then :func:`output_material_names` of every mesh of the call: the CT's
+materials, followed by the mesh materials the CT lacks (zero in images without them).
 """
 
 from __future__ import annotations

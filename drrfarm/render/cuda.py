@@ -58,7 +58,7 @@ from drrfarm.render.cuda_plan import (
     tables_block,
 )
 from drrfarm.render.gpu_cache import ResidentCache
-from drrfarm.render.mesh_reference import pack_cameras, pack_poses
+from drrfarm.render.mesh_reference import pack_cameras, pack_poses, widen_channels
 
 OUTPUT_CODES = {"line_integral": 0, "transmission": 1, "intensity": 2, "neglog": 3}
 DTYPE_CODES = {"float32": 0, "float16": 1, "uint16": 2}
@@ -677,8 +677,9 @@ class CudaBackend:
                     chords=int(chords), M=M_out, intervals=int(intervals or 0), n_intervals=int(n_intervals or 0),
                     overflow=mesh.overflow_ptr, kmax=mesh.kmax)
                 mesh.tracer.trace_device(mp, stream)
+                # pointers first, then the ints (no padding question in the argument buffer)
                 fn_mesh_ct(march[()], ct, np.uintp(int(intervals or 0)), np.uintp(int(n_intervals or 0)),
-                           np.int32(mesh.kmax), np.uintp(target), np.int32(M_out), block=self.block, grid=grid,
+                           np.uintp(target), np.int32(mesh.kmax), np.int32(M_out), block=self.block, grid=grid,
                            stream=stream)
                 mp["lint"] = target
                 mesh.tracer.add_chords_device(mp, stream)
@@ -764,16 +765,19 @@ class CudaBackend:
     def line_integrals(self, handle: CudaVolume, cameras: list[Any], physics: phys.Physics,
                        meshes: Any = None) -> np.ndarray:
         """Per-material line integrals (B, M, H, W) float32 in g/cm² (with ``meshes``: the channels of
-        :func:`drrfarm.render.output_material_names`)."""
+        :func:`drrfarm.render.output_material_names` over every mesh of the call; zero where an image
+        lacks a material)."""
         per_all = meshes_per_image(meshes, len(cameras))
-        M = len(output_material_names(handle.material_names, per_all[0])) if per_all else handle.n_materials
+        names_all = output_material_names(handle.material_names, [m for ms in per_all or [] for m in ms])
 
         def run(idx: list[int], per: list[list[Any]] | None) -> np.ndarray:
-            return self._grouped([cameras[i] for i in idx], lambda sub: self._launch(
+            names = output_material_names(handle.material_names, per[0] if per else [])
+            part = self._grouped([cameras[i] for i in idx], lambda sub: self._launch(
                 handle, [cameras[idx[i]] for i in sub], physics, mode=0,
-                meshes=[per[i] for i in sub] if per else None).wait(), lambda h, w: (M, h, w))
+                meshes=[per[i] for i in sub] if per else None).wait(), lambda h, w: (len(names), h, w))
+            return widen_channels(part, names, names_all)
 
-        return self._by_scene(cameras, meshes, run, lambda h, w: (M, h, w))
+        return self._by_scene(cameras, meshes, run, lambda h, w: (len(names_all), h, w))
 
     def _by_scene(self, cameras: Sequence[Any], meshes: Any, run: Any, tail: Any) -> np.ndarray:
         """``run(indices, meshes per image or None)`` for each group of images sharing a mesh scene."""

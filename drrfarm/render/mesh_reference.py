@@ -541,20 +541,32 @@ def cpu_line_integrals(handle: Any, cameras: Sequence[Any], physics: Any, meshes
     """Line integrals with meshes on a :class:`drrfarm.render.cpu.CpuVolume`: ``(names, (B, M_out, H, W))``.
 
     ``meshes``: a list of :class:`~drrfarm.meshes.Mesh` for every image, or one list per camera
-    (poses may differ per image; all images must produce the same material channels).
+    (poses and meshes may differ per image). The channels are the CT's materials, then every mesh
+    material of the call the CT lacks (in order of first appearance); zero where an image lacks one.
     """
     per = meshes_per_image(meshes, len(cameras)) or [[] for _ in cameras]
-    outs, names_all = [], None
+    names_all = mesh_material_channels([m for ms in per for m in ms], handle.material_names)[0]
+    outs = []
     for cam, ms in zip(cameras, per, strict=True):
         names, A, _ = line_integrals_with_meshes(handle.densities, handle.world_from_ijk, handle.spacing_mm,
                                                  handle.material_names, cam, ms, physics.method,
                                                  physics.step_voxels)
-        if names_all is None:
-            names_all = names
-        elif names != names_all:
-            raise ValueError("meshes: every image of one call must use the same mesh materials")
-        outs.append(A)
-    return list(names_all or handle.material_names), np.stack(outs).astype(np.float32)
+        outs.append(widen_channels(A, names, names_all))
+    return names_all, np.stack(outs).astype(np.float32)
+
+
+def widen_channels(values: np.ndarray, names: Sequence[str], names_all: Sequence[str]) -> np.ndarray:
+    """(..., len(names), H, W) line integrals -> (..., len(names_all), H, W), zero in the channels
+    ``names`` lacks (materials matched by canonical name; ``names_all`` contains every name)."""
+    from drrfarm.materials import canonical_material_name
+
+    canon_all = [canonical_material_name(n) for n in names_all]
+    index = [canon_all.index(canonical_material_name(n)) for n in names]
+    if index == list(range(len(names_all))):
+        return values
+    out = np.zeros((*values.shape[:-3], len(names_all), *values.shape[-2:]), dtype=values.dtype)
+    out[..., index, :, :] = values
+    return out
 
 
 def cpu_render(handle: Any, cameras: Sequence[Any], spectrum: Any, physics: Any, seeds: Sequence[int],

@@ -650,8 +650,8 @@ extern "C" __global__ void __launch_bounds__(256) drr_finish_m8(const Params p) 
 template <int C, int NT, int EXACT, int METHOD>
 __device__ __forceinline__ void mesh_ct_body(const Params& p, const float* __restrict__ ct,
                                              const double2* __restrict__ intervals,
-                                             const int* __restrict__ n_intervals, int kmax,
-                                             float* __restrict__ out, int M_out) {
+                                             const int* __restrict__ n_intervals, float* __restrict__ out,
+                                             int kmax, int M_out) {
     constexpr int MAXM = (NT == 1) ? C : 8;
     const int u = blockIdx.x * blockDim.x + threadIdx.x;
     const int v = blockIdx.y * blockDim.y + threadIdx.y;
@@ -714,9 +714,9 @@ __device__ __forceinline__ void mesh_ct_body(const Params& p, const float* __res
 // drr_mesh_ct_<method>_c<C>_t<NT>_<hw|exact>: the CT minus what replacing meshes remove, widened to M_out.
 #define MESH_CT_KERNEL(M, METHOD, C, NT, EXACT, F)                                                            \
     extern "C" __global__ void __launch_bounds__(256) drr_mesh_ct_##M##_c##C##_t##NT##_##F(                    \
-        const Params p, const float* ct, const double2* intervals, const int* n_intervals, int kmax, float* out, \
+        const Params p, const float* ct, const double2* intervals, const int* n_intervals, float* out, int kmax, \
         int M_out) {                                                                                             \
-        mesh_ct_body<C, NT, EXACT, METHOD>(p, ct, intervals, n_intervals, kmax, out, M_out);                    \
+        mesh_ct_body<C, NT, EXACT, METHOD>(p, ct, intervals, n_intervals, out, kmax, M_out);                    \
     }
 #define MESH_CT_KERNELS(C, NT)                                         \
     MESH_CT_KERNEL(joseph, METHOD_JOSEPH, C, NT, 0, hw)                \
