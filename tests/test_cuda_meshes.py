@@ -147,3 +147,38 @@ def test_too_many_replacing_intervals_is_an_error(volume) -> None:
     lateral = CARM.camera(alpha_deg=90.0)  # both rods on the central rays, two separate intervals
     with pytest.raises(BackendError, match="mesh_kmax"):
         backend.line_integrals(backend.prepare(volume), [lateral], Physics(), meshes=rods)
+
+
+def test_render_worker_on_cuda_matches_the_cpu_worker(tmp_path) -> None:
+    """The farm's worker with tools, labels and landmarks: CUDA images = CPU images (≤ 1e-3, exact
+    interpolation), identical annotations (they are computed on the CPU either way)."""
+    from drrfarm.render import cuda_available
+
+    if not cuda_available():
+        pytest.skip("needs pycuda and an NVIDIA GPU")
+    pytest.importorskip("xraydb")
+    pytest.importorskip("nibabel")
+    import yaml
+    from test_farm_tools import spec_dict, write_phantom
+
+    from drrfarm.farm.plan import make_plan
+    from drrfarm.farm.spec import load_spec
+    from drrfarm.farm.worker import RenderWorker
+
+    write_phantom(tmp_path)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict(tmp_path, tmp_path / "out")), encoding="utf-8")
+    spec = load_spec(path)
+    task = make_plan(spec).task(0)
+    results = {}
+    for name, options in (("cpu", {}), ("cuda", {"exact_interpolation": True})):
+        worker = RenderWorker(spec, backend=name, backend_options=options, warm_up=False)
+        try:
+            results[name] = worker.render_images(task)[:2]
+        finally:
+            worker.close()
+    (cpu_images, cpu_rows), (gpu_images, gpu_rows) = results["cpu"], results["cuda"]
+    assert rel_max(gpu_images, cpu_images) <= 1e-3
+    for a, b in zip(cpu_rows, gpu_rows, strict=True):
+        assert np.array_equal(a["masks"], b["masks"]) and a["tool_world_from_mesh"] == b["tool_world_from_mesh"]
+        np.testing.assert_array_equal(a["landmarks_uv"], b["landmarks_uv"])

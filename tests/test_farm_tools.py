@@ -41,9 +41,8 @@ def grid() -> tuple[np.ndarray, np.ndarray]:
     return A, ijk @ A[:3, :3].T + A[:3, 3]
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tools")
+def write_phantom(d: Path) -> Path:
+    """``ct.nii.gz`` (water box, bone block) and ``labels.nii.gz`` (sphere = 5) in ``d``."""
     A, xyz = grid()
     hu = np.full((N, N, N), 40, np.int16)
     hu[np.all(np.abs(xyz) <= BONE_HALF_MM, axis=-1)] = 1200
@@ -52,6 +51,11 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     labels[np.linalg.norm(xyz, axis=-1) <= SPHERE_MM] = 5
     nib.save(nib.Nifti1Image(labels, A), str(d / "labels.nii.gz"))
     return d
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_phantom(tmp_path_factory.mktemp("tools"))
 
 
 def spec_dict(d: Path, out: Path, **changes: Any) -> dict[str, Any]:
