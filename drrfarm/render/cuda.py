@@ -768,14 +768,15 @@ class CudaBackend:
         :func:`drrfarm.render.output_material_names` over every mesh of the call; zero where an image
         lacks a material)."""
         per_all = meshes_per_image(meshes, len(cameras))
-        names_all = output_material_names(handle.material_names, [m for ms in per_all or [] for m in ms])
+        names_all = output_material_names(handle.material_names, [m for ms in per_all for m in ms]) if per_all \
+            else list(handle.material_names)
 
         def run(idx: list[int], per: list[list[Any]] | None) -> np.ndarray:
-            names = output_material_names(handle.material_names, per[0] if per else [])
+            names = output_material_names(handle.material_names, per[0]) if per else list(handle.material_names)
             part = self._grouped([cameras[i] for i in idx], lambda sub: self._launch(
                 handle, [cameras[idx[i]] for i in sub], physics, mode=0,
                 meshes=[per[i] for i in sub] if per else None).wait(), lambda h, w: (len(names), h, w))
-            return widen_channels(part, names, names_all)
+            return part if names == names_all else widen_channels(part, names, names_all)
 
         return self._by_scene(cameras, meshes, run, lambda h, w: (len(names_all), h, w))
 
