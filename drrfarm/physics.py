@@ -19,6 +19,8 @@ Definitions, for material line integrals ``A_m`` (g/cm²) of one ray and spectru
 
 * transmission ``τ = S / S0`` (relative to the open field at the principal point);
 * optional solid-angle fall-off: both ``τ`` and ``q`` times ``g = cos³θ`` of the pixel's ray;
+* optional scatter (:mod:`drrfarm.scatter`): ``τ += τ_s`` and ``q += q_s``, the scatter signal and
+  counts in the same units, before the noise;
 * noise for ``N`` photons per pixel (open field): detected counts ``n ~ Poisson(N q)``, plus
   Gaussian electronic noise of ``σ_e`` photon-equivalents; ``τ' = (n τ / q + σ_e ξ) / N``
   (each detected photon carries the mean energy ``τ/q`` of the pixel's detected spectrum;
@@ -40,6 +42,7 @@ from drrfarm.errors import PhysicsError
 DETECTORS = ("ideal", "photon_counting", "csi")
 OUTPUTS = ("line_integral", "transmission", "intensity", "neglog")
 METHODS = ("trilinear", "joseph")
+SCATTER_MODES = ("none", "fast", "monte_carlo")
 
 CSI_DENSITY_G_CM3 = 4.51
 NOISELESS_TAU_MIN = 1e-12
@@ -65,6 +68,9 @@ class Physics:
     solid_angle: bool = False  # apply the cos³θ inverse-square/obliquity fall-off
     step_voxels: float = 0.5  # trilinear march step, in units of the smallest voxel spacing
     method: str = "trilinear"  # "trilinear" (uniform march) or "joseph" (slice stepping)
+    scatter: str = "none"  # "none", "fast" (low-count Monte Carlo + low-pass) or "monte_carlo" (drrfarm.scatter)
+    scatter_photons: int | None = None  # Monte Carlo histories per image; None: the mode's default
+    scatter_bins: int = 64  # longest side of the scatter tally grid (monte_carlo; fast uses 32)
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
@@ -81,6 +87,14 @@ class Physics:
             raise PhysicsError(f"csi_thickness_mm: must be > 0, got {self.csi_thickness_mm!r}")
         if not (np.isfinite(self.step_voxels) and 0 < self.step_voxels <= 4):
             raise PhysicsError(f"step_voxels: must be in (0, 4], got {self.step_voxels!r}")
+        if self.scatter not in SCATTER_MODES:
+            raise PhysicsError(f"scatter: unknown mode {self.scatter!r}; choose one of {SCATTER_MODES}")
+        if self.scatter_photons is not None and not (
+            isinstance(self.scatter_photons, (int, np.integer)) and 0 < self.scatter_photons < 2**32
+        ):
+            raise PhysicsError(f"scatter_photons: must be an integer in [1, 2**32), got {self.scatter_photons!r}")
+        if not (isinstance(self.scatter_bins, (int, np.integer)) and 1 <= self.scatter_bins <= 1024):
+            raise PhysicsError(f"scatter_bins: must be an integer in [1, 1024], got {self.scatter_bins!r}")
 
     @property
     def noisy(self) -> bool:
@@ -210,13 +224,21 @@ def output_transform(tau: np.ndarray, tables: DetectorTables, physics: Physics) 
 
 
 def finish_image(
-    line_integrals_g_cm2: np.ndarray, tables: DetectorTables, physics: Physics, camera: Any, seed: int
+    line_integrals_g_cm2: np.ndarray, tables: DetectorTables, physics: Physics, camera: Any, seed: int,
+    scatter: Any = None,
 ) -> np.ndarray:
-    """From material line integrals (M, H, W) to the output image (H, W) float32."""
+    """From material line integrals (M, H, W) to the output image (H, W) float32.
+
+    ``scatter``: a :class:`drrfarm.scatter.ScatterImage` (or anything with ``signal`` and ``counts``,
+    (H, W) in τ and q units, fall-off included) added to the primary before the noise, so the
+    Poisson draw is on primary + scatter counts.
+    """
     tau, q = transmissions(line_integrals_g_cm2, tables)
     if physics.solid_angle:
         g = solid_angle_falloff(camera)
         tau, q = tau * g, q * g
+    if scatter is not None:
+        tau, q = tau + scatter.signal, q + scatter.counts
     tau = apply_noise(tau, q, physics, seed)
     return output_transform(tau, tables, physics)
 

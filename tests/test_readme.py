@@ -17,7 +17,9 @@ def test_ci_runs_the_readme_test_command() -> None:
     test_command = next(c for c in _readme_commands() if "pytest" in c)
     last = test_command.split("&&")[-1].strip()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install -q torch==2.13.0" in ci and 'pip install -q -e ".[test]"' in ci
+    install = 'pip install -e ".[test]" -c infra/docker/constraints.txt'
+    assert install in test_command, "the README's test command installs with the pinned constraints"
+    assert "pip install -q torch==2.13.0" in ci and install.replace("install", "install -q", 1) in ci
     assert re.search(rf"^{re.escape(last)}$", ci, flags=re.M), f"{last!r} not run by .ci/run"
 
 

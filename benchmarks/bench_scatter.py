@@ -1,0 +1,126 @@
+"""Scatter benchmark on a GPU: Monte Carlo photons/s on the chest CT, the fast estimate's cost and
+accuracy against a high-count Monte Carlo, and the 20 cm water slab's scatter-to-primary ratio.
+
+    python benchmarks/bench_scatter.py --json out.json --md out.md
+
+Tables come from xraydb/xraylib/SpekPy when installed, else from ``$DRRFARM_SCATTER_TABLES_NPZ``
+(``benchmarks/device/prepare_scatter.py``). Times are CUDA-event kernel times unless named ``wall``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from scatter_cases import axis_camera, slab_volume, tables_for  # noqa: E402
+
+
+def chest() -> tuple:
+    from drrfarm.geometry import world_from_patient_default
+    from drrfarm.samples import chest_ct
+    from drrfarm.scatter import ScatterVolume
+    from drrfarm.volume import load_volume, segment_by_thresholds
+
+    vol = load_volume(str(chest_ct()))
+    mv = segment_by_thresholds(vol)
+    wfp = world_from_patient_default(vol.centre_patient_mm())
+    return mv.material_names, lambda: ScatterVolume(mv.densities_g_cm3, wfp @ mv.patient_from_ijk, mv.material_names)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--md", type=Path)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--reference-photons", type=int, default=200_000_000)
+    ap.add_argument("--fast-photons", type=int, default=1_000_000)
+    args = ap.parse_args()
+
+    from drrfarm.geometry import CArm
+    from drrfarm.physics import Physics
+    from drrfarm.scatter import ScatterEstimator
+    from drrfarm.scatter.cuda import CudaScatter
+
+    names, make = chest()
+    tables = tables_for("90KV_AL40", names)
+    est = ScatterEstimator("cuda")
+    gpu: CudaScatter = est._gpu
+    rows: list[dict] = []
+    size = args.size
+    pixel = 298.0 / size
+    views = {"AP": (0.0, 0.0), "lateral": (90.0, 0.0), "oblique": (30.0, 15.0)}
+
+    # 1. Monte Carlo throughput (full-resolution CT, 64x64 tally)
+    full = est.volume("chest", make)
+    res = gpu.resident("chest/full", full)
+    gpu.simulate(res, tables, [CArm(height=size, width=size, pixel_mm=pixel).camera(0, 0)], 1_000_000, [0],
+                 tally_shape=(64, 64))  # warm-up
+    for view, (a, b) in views.items():
+        cam = CArm(height=size, width=size, pixel_mm=pixel).camera(a, b)
+        for n in (10_000_000, 100_000_000):
+            t = gpu.simulate(res, tables, [cam], n, [1], tally_shape=(64, 64))[0]
+            rows.append({"kind": "mc", "view": view, "photons": n, "seconds": t.seconds,
+                         "photons_per_s": n / t.seconds, "interactions": t.interactions,
+                         "spr_mean": float(t.scatter_signal.sum() / max(t.primary_signal.sum(), 1e-30))})
+            print(json.dumps(rows[-1]), flush=True)
+
+    # 2. fast estimate vs the reference Monte Carlo (both on the fast estimate's 32x32 grid, upsampled)
+    for view, (a, b) in views.items():
+        cam = CArm(height=size, width=size, pixel_mm=pixel).camera(a, b)
+        ref = est.estimate("chest", make, [cam], None, Physics(scatter="monte_carlo",
+                           scatter_photons=args.reference_photons, scatter_bins=32), [11], tables=tables)[0]
+        fast = est.estimate("chest", make, [cam], None, Physics(scatter="fast", scatter_photons=args.fast_photons),
+                            [12], tables=tables)[0]
+        rel = np.abs(fast.signal - ref.signal) / ref.signal
+        rows.append({"kind": "fast_vs_mc", "view": view, "reference_photons": args.reference_photons,
+                     "fast_photons": args.fast_photons, "mean_rel_error": float(rel.mean()),
+                     "p95_rel_error": float(np.percentile(rel, 95)), "reference_kernel_s": ref.tally.seconds,
+                     "fast_kernel_s": fast.tally.seconds, "cost_ratio": ref.tally.seconds / fast.tally.seconds,
+                     "fast_wall_s": fast.seconds})
+        print(json.dumps(rows[-1]), flush=True)
+
+    # 3. fast estimate throughput: a batch of 16 poses per call, end to end (kernel + low-pass + upsampling)
+    cams = [CArm(height=size, width=size, pixel_mm=pixel).camera(a, 0.0) for a in np.linspace(-30, 30, 16)]
+    phys = Physics(scatter="fast", scatter_photons=args.fast_photons)
+    est.estimate("chest", make, cams[:2], None, phys, [0, 1], tables=tables)
+    t0 = time.perf_counter()
+    out = est.estimate("chest", make, cams, None, phys, list(range(16)), tables=tables)
+    wall = time.perf_counter() - t0
+    kernel = sum(o.tally.seconds for o in out)
+    rows.append({"kind": "fast_throughput", "images": 16, "size": size, "photons": args.fast_photons,
+                 "wall_s": wall, "images_per_s": 16 / wall, "kernel_s_per_image": kernel / 16})
+    print(json.dumps(rows[-1]), flush=True)
+
+    # 4. the 20 cm water slab (30 x 30 cm field, 90 kVp / 2.5 mm Al, no air gap, no grid)
+    slab = gpu.resident("slab20", slab_volume(200.0, 500.0, 1000.0, gap_mm=0.0))
+    t = gpu.simulate(slab, tables_for("tube:90:2.5", ["water"]), [axis_camera(300.0, 60)], 100_000_000, [3],
+                     tally_shape=(5, 5))[0]
+    rows.append({"kind": "slab_spr", "photons": 100_000_000, "seconds": t.seconds,
+                 "spr_centre": float(t.scatter_signal[2, 2] / t.primary_signal[2, 2]),
+                 "spr_corner": float(t.scatter_signal[0, 0] / t.primary_signal[0, 0]),
+                 "energy_balance": (t.energy_kev["emitted"] - t.energy_kev["deposited"] - t.energy_kev["escaped"])
+                 / t.energy_kev["emitted"]})
+    print(json.dumps(rows[-1]), flush=True)
+
+    if args.json:
+        args.json.write_text(json.dumps({"device": gpu.gpu.name, "rows": rows}, indent=1))
+    if args.md:
+        lines = ["| measurement | value |", "|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['kind']} {r.get('view', '')} | " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                if k not in ("kind", "view")) + " |")
+        args.md.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""X-ray scatter: a Monte Carlo reference and a fast estimate, in the analytic renderer's units.
+
+``scatter: none | fast | monte_carlo`` (:class:`drrfarm.physics.Physics`) selects what a render adds
+to the primary image:
+
+* ``monte_carlo``: photon transport through the material volume (:mod:`drrfarm.scatter.reference`
+  on the CPU, ``render/kernels/scatter.cu`` on a GPU, the same histories from the same seeds);
+* ``fast``: the same Monte Carlo on a coarsened volume with few histories, low-passed
+  (:mod:`drrfarm.scatter.fast`).
+
+Either gives, per image, the scatter **signal** (τ units: detector signal relative to the open
+field) and scatter **counts** (q units: detected photons relative to the open field), tallied on a
+coarse grid and interpolated to the detector. :func:`drrfarm.physics.finish_image` adds them to the
+primary before the noise, so the Poisson draw is on primary + scatter counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from drrfarm.scatter.fast import coarsen_volume, coarsening_factors, gaussian_lowpass, upsample_bilinear
+from drrfarm.scatter.reference import ScatterTally, ScatterVolume, default_tally_shape, simulate
+from drrfarm.scatter.tables import TransportTables, transport_tables
+
+__all__ = [
+    "SCATTER_MODES",
+    "ScatterEstimator",
+    "ScatterImage",
+    "ScatterTally",
+    "ScatterVolume",
+    "default_photons",
+    "simulate",
+    "transport_tables",
+]
+
+SCATTER_MODES = ("none", "fast", "monte_carlo")
+#: Histories per image when ``scatter_photons`` is not given, per mode and engine.
+DEFAULT_PHOTONS = {("monte_carlo", "cuda"): 50_000_000, ("monte_carlo", "cpu"): 2_000_000,
+                   ("fast", "cuda"): 1_000_000, ("fast", "cpu"): 100_000}
+FAST_VOXEL_MM = 4.0  # the fast estimate's coarse voxels (scatter does not resolve finer detail)
+FAST_MAX_BINS = 32
+
+
+def default_photons(mode: str, engine: str) -> int:
+    return DEFAULT_PHOTONS[(mode, engine)]
+
+
+def lowpass_sigma_bins(photons_per_bin: np.ndarray, photons_per_kernel: float = 400.0) -> float:
+    """Gaussian σ (tally bins) of the fast estimate's low-pass, from the tally's own statistics: the kernel's
+    effective area ``4πσ²`` holds about ``photons_per_kernel`` detected scatter photons (≈ 5 % noise);
+    σ between 0.5 bin and a quarter of the tally's longest side. ``photons_per_bin``: (H_t, W_t)."""
+    mean = max(float(np.mean(photons_per_bin)), 1e-12)
+    sigma = np.sqrt(photons_per_kernel / (4.0 * np.pi * mean))
+    return float(np.clip(sigma, 0.5, max(photons_per_bin.shape) / 4.0))
+
+
+@dataclass
+class ScatterImage:
+    """One image's scatter on the detector: ``signal`` and ``counts`` (H, W) float64 in τ / q units,
+    the tally it came from, the mode, histories and seconds spent (its cost)."""
+
+    signal: np.ndarray
+    counts: np.ndarray
+    tally: ScatterTally
+    mode: str
+    photons: int
+    seconds: float
+
+
+class ScatterEstimator:
+    """Scatter for a backend: ``engine='cpu'`` (NumPy reference) or ``'cuda'`` (the kernel).
+
+    Keeps each volume's Monte Carlo form (and its coarsened twin for ``fast``) resident by key.
+    """
+
+    def __init__(self, engine: str = "cpu", device: int = 0) -> None:
+        if engine not in ("cpu", "cuda"):
+            raise ValueError(f"engine: 'cpu' or 'cuda', got {engine!r}")
+        self.engine = engine
+        self._volumes: dict[tuple[str, bool], ScatterVolume] = {}
+        self._gpu: Any = None
+        if engine == "cuda":
+            from drrfarm.scatter.cuda import CudaScatter
+
+            self._gpu = CudaScatter(device)
+
+    def volume(self, key: str, make: Any, coarse: bool = False) -> ScatterVolume:
+        """The Monte Carlo volume of ``key`` (``make()`` builds the full-resolution one once), or its
+        twin coarsened to ``FAST_VOXEL_MM`` voxels for the fast estimate."""
+        full = self._volumes.get((key, False))
+        if full is None:
+            full = self._volumes[(key, False)] = make()
+        if not coarse:
+            return full
+        twin = self._volumes.get((key, True))
+        if twin is None:
+            twin = self._volumes[(key, True)] = coarsen_volume(full, coarsening_factors(full, FAST_VOXEL_MM))
+        return twin
+
+    def tallies(self, key: str, volume: ScatterVolume, tables: TransportTables, cameras: Sequence[Any],
+                photons: int, seeds: Sequence[int], tally_shape: tuple[int, int], solid_angle: bool
+                ) -> list[ScatterTally]:
+        if self._gpu is not None:
+            res = self._gpu.resident(key, volume)
+            return self._gpu.simulate(res, tables, cameras, photons, seeds, tally_shape=tally_shape,
+                                      solid_angle=solid_angle)
+        return [simulate(volume, tables, cam, photons, seed, tally_shape=tally_shape, solid_angle=solid_angle)
+                for cam, seed in zip(cameras, seeds, strict=True)]
+
+    def estimate(self, key: str, make_volume: Any, cameras: Sequence[Any], spectrum: Any, physics: Any,
+                 seeds: Sequence[int], tables: TransportTables | None = None) -> list[ScatterImage]:
+        """Scatter images for ``cameras`` with ``physics.scatter`` = ``fast`` or ``monte_carlo``.
+
+        ``tables``: precomputed :func:`transport_tables` of ``spectrum`` (else computed here).
+        """
+        mode = physics.scatter
+        if mode not in ("fast", "monte_carlo"):
+            raise ValueError(f"scatter: estimate() needs 'fast' or 'monte_carlo', got {mode!r}")
+        t0 = time.perf_counter()
+        photons = int(physics.scatter_photons or default_photons(mode, self.engine))
+        fast = mode == "fast"
+        vol = self.volume(key, make_volume, coarse=fast)
+        if tables is None:
+            tables = transport_tables(spectrum, vol.material_names, physics)
+        H, W = int(cameras[0].height), int(cameras[0].width)
+        shape = default_tally_shape(H, W, FAST_MAX_BINS if fast else physics.scatter_bins)
+        vkey = f"{key}/{'coarse' if fast else 'full'}"
+        tallies = self.tallies(vkey, vol, tables, cameras, photons, seeds, shape, physics.solid_angle)
+        out = []
+        for cam, t in zip(cameras, tallies, strict=True):
+            sig, cnt = t.scatter_signal, t.scatter_counts
+            if fast:
+                sigma = lowpass_sigma_bins(cnt * (photons / cnt.size))
+                sig, cnt = gaussian_lowpass(sig, sigma), gaussian_lowpass(cnt, sigma)
+            out.append(ScatterImage(upsample_bilinear(sig, cam.height, cam.width),
+                                    upsample_bilinear(cnt, cam.height, cam.width), t, mode, photons, 0.0))
+        per_image = (time.perf_counter() - t0) / max(1, len(cameras))
+        for s in out:
+            s.seconds = per_image
+        return out

@@ -1,0 +1,172 @@
+"""Host side of ``render/kernels/scatter.cu`` (pycuda): the scatter Monte Carlo on a GPU.
+
+The tables come from :func:`drrfarm.scatter.tables.transport_tables` (CPU side), the volume from a
+:class:`~drrfarm.scatter.reference.ScatterVolume`; results are the same :class:`ScatterTally` the CPU
+reference returns. Uses the device's primary context (shared with the render backend and PyTorch).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pycuda.driver as drv
+
+from drrfarm.errors import BackendError
+from drrfarm.render.cuda import GpuDevice
+from drrfarm.render.cuda_build import load_kernel_image
+from drrfarm.scatter.reference import ScatterTally, ScatterVolume, default_tally_shape
+from drrfarm.scatter.tables import TransportTables
+
+SCATTER_PARAMS_DTYPE = np.dtype([
+    ("dens", "<u8"), ("mu", "<u8"), ("majorant", "<u8"), ("compton_s", "<u8"), ("rayleigh_cdf", "<u8"),
+    ("eta", "<u8"), ("spec_kev", "<u8"), ("spec_cdf", "<u8"), ("cams", "<u8"), ("keys", "<u8"), ("tally", "<u8"),
+    ("energy", "<u8"), ("interactions", "<u8"), ("pad_ptr", "<u8"),
+    ("ijk_from_world", "<f8", (12,)),
+    ("e0", "<f8"), ("de", "<f8"), ("x_step", "<f8"), ("signal_norm", "<f8"), ("count_norm", "<f8"), ("pad_d", "<f8"),
+    ("photons", "<i8"),
+    ("I", "<i4"), ("J", "<i4"), ("K", "<i4"), ("M", "<i4"), ("NE", "<i4"), ("NX", "<i4"), ("NB", "<i4"), ("H", "<i4"),
+    ("W", "<i4"), ("Ht", "<i4"), ("Wt", "<i4"), ("solid_angle", "<i4"), ("signal_per_photon", "<i4"),
+    ("n_img", "<i4"), ("pad_i0", "<i4"), ("pad_i1", "<i4"),
+])
+assert SCATTER_PARAMS_DTYPE.itemsize == 328
+CAM_STRIDE = 32
+BLOCK = 256
+MAX_PHOTONS_PER_IMAGE = (1 << 32) - 1  # the photon index is one 32-bit Philox counter word
+
+
+def pack_cameras(cameras: Sequence[Any]) -> np.ndarray:
+    """(B, 32) float64 per camera: R (9), t (3), K rows 0-1 (6), sdd_mm, R^T K^-1 (9), source (3), 0."""
+    out = np.zeros((len(cameras), CAM_STRIDE))
+    for b, c in enumerate(cameras):
+        out[b, 0:9] = np.asarray(c.R).reshape(-1)
+        out[b, 9:12] = c.t
+        out[b, 12:18] = np.asarray(c.K)[:2].reshape(-1)
+        out[b, 18] = c.sdd_mm
+        out[b, 19:28] = (np.asarray(c.R).T @ np.linalg.inv(np.asarray(c.K))).reshape(-1)
+        out[b, 28:31] = c.source_world_mm
+    return out
+
+
+@dataclass
+class GpuScatterVolume:
+    """A volume resident for the Monte Carlo: densities (I, J, K, M) float32 on the device."""
+
+    key: str
+    volume: ScatterVolume
+    buffer: Any
+    nbytes: int
+
+
+class CudaScatter:
+    """Loads ``scatter.cu`` on one GPU, keeps volumes resident (LRU by bytes) and runs the Monte Carlo."""
+
+    def __init__(self, device: int = 0, memory_budget_bytes: int | None = None) -> None:
+        self.gpu = GpuDevice.get(device)
+        image, self.build = load_kernel_image("scatter.cu", self.gpu.arch)
+        with self.gpu.context():
+            self.module = drv.module_from_buffer(image)
+            self._kernel = self.module.get_function("scatter_mc")
+            self.sm_count = int(self.gpu.device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT))
+        self.memory_budget_bytes = memory_budget_bytes
+        self._volumes: OrderedDict[str, GpuScatterVolume] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def resident(self, key: str, volume: ScatterVolume) -> GpuScatterVolume:
+        """Upload ``volume`` under ``key`` once (interleaved per voxel: one cache line per lookup)."""
+        with self._lock:
+            hit = self._volumes.get(key)
+            if hit is not None:
+                self._volumes.move_to_end(key)
+                return hit
+            dens = np.ascontiguousarray(np.moveaxis(np.asarray(volume.densities_g_cm3, dtype=np.float32), 0, -1))
+            with self.gpu.context():
+                buf = drv.mem_alloc(max(dens.nbytes, 16))
+                drv.memcpy_htod(buf, dens)
+            res = GpuScatterVolume(key, volume, buf, dens.nbytes)
+            self._volumes[key] = res
+            budget = self.memory_budget_bytes
+            while (budget is not None and len(self._volumes) > 1
+                   and sum(v.nbytes for v in self._volumes.values()) > budget):
+                _, old = self._volumes.popitem(last=False)
+                with self.gpu.context():
+                    old.buffer.free()
+            return res
+
+    def simulate(self, resident: GpuScatterVolume, tables: TransportTables, cameras: Sequence[Any], photons: int,
+                 seeds: Sequence[int], *, image_words: Sequence[int] | None = None,
+                 tally_shape: tuple[int, int] | None = None, solid_angle: bool = False) -> list[ScatterTally]:
+        """``photons`` histories per camera; one launch for the batch (cameras of one detector size)."""
+        B = len(cameras)
+        if B == 0:
+            return []
+        if len(seeds) != B:
+            raise BackendError(f"seeds: need one seed per camera ({B}), got {len(seeds)}")
+        photons = int(photons)
+        if not 0 < photons <= MAX_PHOTONS_PER_IMAGE:
+            raise BackendError(f"scatter photons: must be in [1, {MAX_PHOTONS_PER_IMAGE}], got {photons}")
+        H, W = int(cameras[0].height), int(cameras[0].width)
+        if any(int(c.height) != H or int(c.width) != W for c in cameras):
+            raise BackendError("cameras: one scatter launch simulates images of one detector size")
+        Ht, Wt = tally_shape or default_tally_shape(H, W)
+        vol = resident.volume
+        majorant = tables.majorant_per_mm(vol)
+        words = list(image_words) if image_words is not None else [0] * B
+        keys = np.zeros((B, 4), dtype=np.uint32)
+        for b, (s, w) in enumerate(zip(seeds, words, strict=True)):
+            keys[b] = (int(s) & 0xFFFFFFFF, (int(s) >> 32) & 0xFFFFFFFF, int(w) & 0xFFFFFFFF, 0)
+        host = {
+            "mu": tables.mu_cm2_g, "majorant": majorant, "compton_s": tables.compton_s,
+            "rayleigh_cdf": tables.rayleigh_cdf, "eta": tables.detector_eta, "spec_kev": tables.spectrum_kev,
+            "spec_cdf": tables.spectrum_cdf, "cams": pack_cameras(cameras),
+        }
+        I, J, K = vol.shape
+        with self.gpu.context():
+            dev = {k: drv.to_device(np.ascontiguousarray(v, dtype=np.float64)) for k, v in host.items()}
+            dev["keys"] = drv.to_device(keys)
+            tally = drv.mem_alloc(4 * B * 4 * Ht * Wt)
+            drv.memset_d32(tally, 0, B * 4 * Ht * Wt)
+            energy = drv.to_device(np.zeros((B, 4)))
+            inter = drv.to_device(np.zeros((B, 3), dtype=np.uint64))
+            p = np.zeros((), dtype=SCATTER_PARAMS_DTYPE)
+            p["dens"] = int(resident.buffer)
+            for k, v in dev.items():
+                p[k] = int(v)
+            p["tally"], p["energy"], p["interactions"] = int(tally), int(energy), int(inter)
+            p["ijk_from_world"] = vol.ijk_from_world[:3].reshape(-1)
+            p["e0"], p["de"], p["x_step"] = tables.e0_kev, tables.de_kev, tables.x_step
+            p["signal_norm"], p["count_norm"] = tables.signal_norm, tables.count_norm
+            p["photons"] = photons
+            p["I"], p["J"], p["K"], p["M"] = I, J, K, len(vol.material_names)
+            p["NE"], p["NX"], p["NB"] = tables.n_energies, tables.n_x, tables.spectrum_kev.size
+            p["H"], p["W"], p["Ht"], p["Wt"] = H, W, Ht, Wt
+            p["solid_angle"], p["signal_per_photon"], p["n_img"] = int(solid_angle), int(tables.signal_per_photon), B
+            blocks = max(1, min((photons + BLOCK - 1) // BLOCK, self.sm_count * 16))
+            start, end = drv.Event(), drv.Event()
+            start.record()
+            self._kernel(p[()], block=(BLOCK, 1, 1), grid=(blocks, B, 1))
+            end.record()
+            end.synchronize()
+            seconds = end.time_since(start) / 1e3
+            t = drv.from_device(tally, (B, 4, Ht, Wt), np.float32).astype(np.float64)
+            e = drv.from_device(energy, (B, 4), np.float64)
+            n = drv.from_device(inter, (B, 3), np.uint64)
+            tally.free()
+        per_bin = photons / float(Ht * Wt)
+        return [
+            ScatterTally(
+                scatter_signal=t[b, 0] / per_bin, scatter_counts=t[b, 1] / per_bin,
+                primary_signal=t[b, 2] / per_bin, primary_counts=t[b, 3] / per_bin, photons=photons,
+                energy_kev=dict(zip(("emitted", "deposited", "escaped", "detected"), map(float, e[b]), strict=True)),
+                interactions=dict(zip(("photoelectric", "compton", "rayleigh"), map(int, n[b]), strict=True)),
+                seconds=seconds / B,
+            )
+            for b in range(B)
+        ]
+
+    def cache_stats(self) -> dict[str, int]:
+        return {"volumes": len(self._volumes), "bytes_resident": sum(v.nbytes for v in self._volumes.values())}

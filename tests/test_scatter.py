@@ -1,0 +1,260 @@
+"""The scatter Monte Carlo on the CPU (the spec of kernels/scatter.cu): interaction data, angular
+samplers, narrow-beam attenuation, energy bookkeeping, the scatter-to-primary ratio of a 20 cm water
+slab against published Monte Carlo, the fast estimate and scatter in the noise model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scatter_cases import axis_camera, bone_in_water_volume, mono, slab_volume
+
+from drrfarm.errors import PhysicsError
+from drrfarm.materials import mass_attenuation_cm2_g
+from drrfarm.physics import Physics, detector_tables, finish_image
+from drrfarm.scatter import ScatterImage, simulate, transport_tables
+from drrfarm.scatter.fast import coarsen_volume, gaussian_lowpass, upsample_bilinear
+from drrfarm.scatter.philox import philox4x32_10
+from drrfarm.scatter.reference import rotate, sample_compton, sample_rayleigh
+from drrfarm.scatter.tables import ELECTRON_REST_ENERGY_KEV, HC_KEV_ANGSTROM
+from drrfarm.spectrum import tube_spectrum
+
+# Random123's known-answer vectors for Philox4x32-10 (also used for the renderer's noise kernel).
+PHILOX_KAT = [
+    ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+    ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+    ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+     [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+]
+
+
+def test_vectorised_philox_matches_known_answers() -> None:
+    for ctr, key, expected in PHILOX_KAT:
+        words = philox4x32_10(*(np.array([c], dtype=np.uint64) for c in ctr), key[0], key[1])
+        assert [int(w[0]) for w in words] == expected
+
+
+def test_partial_coefficients_add_up_to_the_renderers_total() -> None:
+    tables = transport_tables(tube_spectrum(90, 2.5), ["water", "cortical_bone", "soft_tissue"], Physics())
+    grid = tables.energy_grid_kev
+    for m, name in enumerate(tables.material_names):
+        np.testing.assert_allclose(tables.mu_cm2_g[m].sum(axis=0), mass_attenuation_cm2_g(name, grid), rtol=1e-9)
+    # photoelectric dominates bone at 20 keV, Compton dominates water at 90 keV
+    i20, i90 = np.searchsorted(grid, 20.0), np.searchsorted(grid, 90.0)
+    assert tables.mu_cm2_g[1, 0, i20] > tables.mu_cm2_g[1, 1, i20]
+    assert tables.mu_cm2_g[0, 1, i90] > 5 * tables.mu_cm2_g[0, 0, i90]
+    # S(x)/Z rises from 0 to 1, the Rayleigh CDF is non-decreasing
+    assert tables.compton_s[0, 0] == 0.0 and tables.compton_s[0, -1] > 0.99
+    assert np.all(np.diff(tables.rayleigh_cdf, axis=1) >= 0)
+
+
+def _histogram_check(samples: np.ndarray, pdf: callable, bins: int = 24) -> None:
+    """Binned counts of cos θ against the integral of ``pdf`` over each bin: every bin within 4.5σ."""
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    counts, _ = np.histogram(samples, edges)
+    fine = np.linspace(-1.0, 1.0, 20001)
+    dens = pdf(fine)
+    cdf = np.concatenate([[0.0], np.cumsum(0.5 * (dens[1:] + dens[:-1]) * np.diff(fine))])
+    expected = np.diff(np.interp(edges, fine, cdf)) / cdf[-1] * samples.size
+    sigma = np.sqrt(np.maximum(expected, 1.0))
+    assert np.max(np.abs(counts - expected) / sigma) < 4.5, np.round((counts - expected) / sigma, 1)
+
+
+def test_compton_angles_follow_klein_nishina_times_the_incoherent_scattering_function() -> None:
+    energy = 30.0
+    tables = transport_tables(mono(energy), ["water"], Physics())
+    n = 200_000
+    photon = np.arange(n, dtype=np.uint64)
+    draw = np.ones(n, dtype=np.uint64)
+    cos_t, ratio = sample_compton(np.full(n, energy), np.zeros(n, np.int64), photon, draw, 0, 9, tables)
+    k = energy / ELECTRON_REST_ENERGY_KEV
+    np.testing.assert_allclose(ratio, 1.0 / (1.0 + k * (1.0 - cos_t)), rtol=1e-12)  # Compton's formula
+    assert draw.min() >= 2 and draw.mean() < 3.0  # efficient rejection
+
+    def pdf(c: np.ndarray) -> np.ndarray:
+        r = 1.0 / (1.0 + k * (1.0 - c))
+        kn = r * r * (r + 1.0 / r - (1.0 - c * c))
+        x = energy / HC_KEV_ANGSTROM * np.sqrt(0.5 * (1.0 - c))
+        return kn * np.interp(x, tables.x_step * np.arange(tables.n_x), tables.compton_s[0])
+
+    _histogram_check(cos_t, pdf)
+    # S(x) suppresses forward scattering compared with the free-electron cross section
+    free = pdf(np.linspace(-1, 1, 5))
+    assert free[-1] < 0.05 * free[0]
+
+
+def test_rayleigh_angles_follow_the_form_factor_distribution() -> None:
+    import xraydb
+
+    energy = 40.0
+    tables = transport_tables(mono(energy), ["water"], Physics())
+    n = 200_000
+    cos_t = sample_rayleigh(np.full(n, energy), np.zeros(n, np.int64), np.arange(n, dtype=np.uint64),
+                            np.ones(n, dtype=np.uint64), 0, 21, tables)
+
+    def pdf(c: np.ndarray) -> np.ndarray:  # water: 2 H + 1 O, independent atoms, from xraydb directly
+        x = energy / HC_KEV_ANGSTROM * np.sqrt(0.5 * (1.0 - c))
+        f2 = 2 * np.asarray(xraydb.f0("H", x)).ravel() ** 2 + np.asarray(xraydb.f0("O", x)).ravel() ** 2
+        return (1.0 + c * c) * f2
+
+    _histogram_check(cos_t, pdf)
+    assert np.mean(cos_t) > 0.5  # strongly forward
+
+
+def test_rotation_keeps_unit_length_and_the_polar_angle() -> None:
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(1000, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    d[0] = (0.0, 0.0, 1.0)
+    d[1] = (0.0, 0.0, -1.0)
+    c = rng.uniform(-1, 1, 1000)
+    out = rotate(d, c, rng.uniform(0, 2 * np.pi, 1000))
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(np.sum(out * d, axis=1), c, atol=1e-9)
+
+
+@pytest.mark.parametrize("energy", [30.0, 60.0, 100.0])
+def test_narrow_beam_attenuation_through_water_is_exp_minus_mu_x(energy: float) -> None:
+    vol = slab_volume(100.0, 200.0, 1000.0, gap_mm=400.0)
+    cam = axis_camera(field_mm=4.0, pixels=4)  # 4 mm at 1 m: a pencil beam, scatter mostly misses
+    tables = transport_tables(mono(energy), ["water"], Physics())
+    n = 200_000
+    res = simulate(vol, tables, cam, n, seed=int(energy), tally_shape=(1, 1))
+    expected = float(np.exp(-mass_attenuation_cm2_g("water", energy) * 10.0))
+    sigma = np.sqrt(expected * (1 - expected) / n)
+    assert abs(res.primary_counts[0, 0] - expected) < 4.5 * sigma
+    assert res.primary_signal[0, 0] == pytest.approx(res.primary_counts[0, 0], rel=1e-12)  # mono: E cancels
+    assert res.scatter_signal[0, 0] < 0.02 * expected  # narrow beam: little scatter reaches the detector
+
+
+def test_polyenergetic_primary_matches_the_analytic_transmission() -> None:
+    spec = tube_spectrum(90, 2.5)
+    vol = slab_volume(100.0, 200.0, 1000.0, gap_mm=400.0)
+    tables = transport_tables(spec, ["water"], Physics(detector="photon_counting"))
+    n = 300_000
+    res = simulate(vol, tables, axis_camera(4.0, 4), n, seed=3, tally_shape=(1, 1))
+    p = spec.weights / spec.weights.sum()
+    q = float(np.sum(p * np.exp(-mass_attenuation_cm2_g("water", spec.energies_kev) * 10.0)))
+    assert abs(res.primary_counts[0, 0] - q) < 4.5 * np.sqrt(q * (1 - q) / n)
+
+
+def test_interaction_fractions_follow_the_partial_cross_sections() -> None:
+    energy = 50.0
+    vol = slab_volume(2.0, 200.0, 1000.0, gap_mm=300.0, voxel_mm=2.0)  # thin: nearly one interaction each
+    tables = transport_tables(mono(energy), ["water"], Physics())
+    res = simulate(vol, tables, axis_camera(10.0, 2), 400_000, seed=5, tally_shape=(1, 1))
+    counts = np.array([res.interactions[k] for k in ("photoelectric", "compton", "rayleigh")], dtype=float)
+    i = int(round((energy - tables.e0_kev) / tables.de_kev))
+    frac = tables.mu_cm2_g[0, :, i] / tables.mu_cm2_g[0, :, i].sum()
+    sigma = np.sqrt(counts.sum() * frac * (1 - frac))
+    # multiple interactions in 2 mm are rare (< 5 %) and shift the mix only slightly toward photoabsorption
+    assert np.all(np.abs(counts - counts.sum() * frac) < 5 * sigma + 0.01 * counts.sum())
+
+
+def test_energy_is_conserved_and_detected_energy_is_a_part_of_the_escaping_energy() -> None:
+    vol = bone_in_water_volume()
+    tables = transport_tables(tube_spectrum(80, 3.0), vol.material_names, Physics())
+    res = simulate(vol, tables, axis_camera(250.0, 32, sdd_mm=1000.0), 60_000, seed=17, tally_shape=(8, 8),
+                   solid_angle=True)
+    e = res.energy_kev
+    assert e["emitted"] == pytest.approx(e["deposited"] + e["escaped"], rel=1e-12)
+    assert 0 < e["detected"] < e["escaped"] and e["deposited"] > 0.2 * e["emitted"]
+    assert all(v > 0 for v in res.interactions.values())
+    # the same seed replays the same histories; another seed does not
+    again = simulate(vol, tables, axis_camera(250.0, 32, sdd_mm=1000.0), 60_000, seed=17, tally_shape=(8, 8),
+                     solid_angle=True)
+    np.testing.assert_array_equal(again.scatter_signal, res.scatter_signal)
+    other = simulate(vol, tables, axis_camera(250.0, 32, sdd_mm=1000.0), 60_000, seed=18, tally_shape=(8, 8),
+                     solid_angle=True)
+    assert not np.array_equal(other.scatter_signal, res.scatter_signal)
+
+
+#: Published Monte Carlo scatter-to-primary ratio (energy fluence, i.e. an ideal energy-integrating detector)
+#: at the field centre behind 20 cm of water, 30 x 30 cm² field, ~90 kVp, detector at the exit surface, no
+#: grid: Boone & Seibert, "Monte Carlo simulation of the scattered radiation distribution in diagnostic
+#: radiology", Med. Phys. 15(5):713-720 (1988), SPR-versus-field-area curves. See benchmarks/RESULTS.md.
+PUBLISHED_SPR_20CM_WATER_30CM_FIELD = 3.7
+
+
+def test_scatter_to_primary_ratio_of_a_20cm_water_slab_matches_published_monte_carlo() -> None:
+    spec = tube_spectrum(90, 2.5)
+    vol = slab_volume(200.0, 500.0, 1000.0, gap_mm=0.0)
+    tables = transport_tables(spec, ["water"], Physics())
+    res = simulate(vol, tables, axis_camera(300.0, 60), 1_500_000, seed=5, tally_shape=(5, 5))
+    p = spec.weights / spec.weights.sum()
+    e = spec.energies_kev
+    primary = float(np.sum(p * e * np.exp(-mass_attenuation_cm2_g("water", e) * 20.0)) / np.sum(p * e))
+    spr = res.scatter_signal[2, 2] / primary
+    assert spr == pytest.approx(PUBLISHED_SPR_20CM_WATER_30CM_FIELD, rel=0.10)
+    # the Monte Carlo's own primary agrees with the analytic one (its noise is ~2 % in this bin)
+    assert res.primary_signal[2, 2] == pytest.approx(primary, rel=0.08)
+    # scatter falls toward the field edge
+    assert res.scatter_signal[2, 2] > 1.3 * res.scatter_signal[0, 0]
+
+
+def test_coarsened_volume_keeps_mass_and_extent() -> None:
+    vol = bone_in_water_volume()
+    coarse = coarsen_volume(vol, 4)
+    assert coarse.shape == (10, 10, 8)  # 30 slices -> ceil(30/4)
+    lo = vol.world_from_ijk @ np.array([-0.5, -0.5, -0.5, 1.0])
+    lo_c = coarse.world_from_ijk @ np.array([-0.5, -0.5, -0.5, 1.0])
+    np.testing.assert_allclose(lo_c, lo)
+    v_fine, v_coarse = 5.0**3, 20.0**3  # mass per material is conserved (the last coarse slab is half vacuum)
+    np.testing.assert_allclose(coarse.densities_g_cm3.sum(axis=(1, 2, 3)) * v_coarse,
+                               vol.densities_g_cm3.sum(axis=(1, 2, 3)) * v_fine, rtol=1e-5)
+    assert not coarse.single_material_voxels  # block means mix materials: the majorant handles it
+    tables = transport_tables(mono(60.0), coarse.material_names, Physics())
+    maj = tables.majorant_per_mm(coarse)
+    rows = coarse.densities_g_cm3.reshape(3, -1).T.astype(np.float64)
+    exact = (rows @ tables.mu_cm2_g.sum(axis=1) / 10.0).max(axis=0)
+    assert np.all(maj >= exact) and np.all(maj <= exact * (1 + 1e-5))
+
+
+def test_lowpass_and_upsampling() -> None:
+    img = np.full((8, 8), 3.0)
+    np.testing.assert_allclose(gaussian_lowpass(img, 1.5), 3.0)  # normalised: no edge darkening
+    ramp = np.add.outer(np.arange(4.0), np.arange(4.0))
+    up = upsample_bilinear(ramp, 16, 16)
+    assert up.shape == (16, 16)
+    # bin centres of a 4-bin tally on 16 pixels sit at pixels 1.5, 5.5, ...: linear data stays linear
+    np.testing.assert_allclose(up[6, 6] - up[5, 5], 0.5)
+
+
+def test_fast_estimate_tracks_the_monte_carlo() -> None:
+    """Coarse volume, 20x fewer histories, low-passed: the same scatter to within the reference's noise."""
+    from drrfarm.scatter import ScatterEstimator
+
+    vol = bone_in_water_volume(centre_z_mm=900.0)  # close to the detector: a lot of scatter
+    spec = tube_spectrum(90, 3.0)
+    cam = axis_camera(240.0, 64)
+    est = ScatterEstimator("cpu")
+    ref = est.estimate("bone", lambda: vol, [cam], spec,
+                       Physics(scatter="monte_carlo", scatter_photons=1_600_000, scatter_bins=8), [1])[0]
+    fast = est.estimate("bone", lambda: vol, [cam], spec, Physics(scatter="fast", scatter_photons=80_000), [2])[0]
+    assert fast.photons * 20 == ref.photons and fast.seconds * 5 < ref.seconds
+    rel = np.abs(fast.signal - ref.signal) / ref.signal
+    assert rel.mean() < 0.15, rel.mean()
+    assert fast.signal.mean() == pytest.approx(ref.signal.mean(), rel=0.1)
+
+
+def test_scatter_adds_to_the_signal_and_to_the_poisson_counts() -> None:
+    cam = axis_camera(100.0, 64)
+    physics = Physics(detector="photon_counting", output="transmission", photons=400.0)
+    tables = detector_tables(mono(60.0), ["water"], physics)
+    A = np.full((1, 64, 64), 5.0)  # 5 g/cm² of water
+    tau_p = float(np.exp(-mass_attenuation_cm2_g("water", 60.0) * 5.0))
+    s = ScatterImage(np.full((64, 64), 0.5 * tau_p), np.full((64, 64), 0.5 * tau_p), None, "monte_carlo", 1, 0.0)
+    noiseless = finish_image(A, tables, Physics(detector="photon_counting", output="transmission"), cam, 0, s)
+    np.testing.assert_allclose(noiseless, 1.5 * tau_p, rtol=1e-6)
+    noisy = finish_image(A, tables, physics, cam, 7, s)
+    mean = 1.5 * tau_p
+    assert noisy.mean() == pytest.approx(mean, rel=0.02)
+    assert noisy.var() == pytest.approx(mean / 400.0, rel=0.1)  # Poisson on primary + scatter counts
+
+
+def test_physics_rejects_bad_scatter_options() -> None:
+    with pytest.raises(PhysicsError, match="scatter: unknown mode"):
+        Physics(scatter="kernel")
+    with pytest.raises(PhysicsError, match="scatter_photons"):
+        Physics(scatter="fast", scatter_photons=0)
+    with pytest.raises(PhysicsError, match="scatter_bins"):
+        Physics(scatter_bins=0)

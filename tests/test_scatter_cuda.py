@@ -1,0 +1,107 @@
+"""kernels/scatter.cu against the CPU reference Monte Carlo (the same photon histories from the same
+seeds), the narrow-beam and slab checks at GPU photon counts, and the fast estimate on the chest CT.
+GPU only. On a GPU host without xraydb/xraylib/SpekPy the tables come from ``$DRRFARM_SCATTER_TABLES_NPZ``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scatter_cases import axis_camera, bone_in_water_volume, slab_volume, tables_for
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    pytest.importorskip("pycuda.driver")
+    from drrfarm.scatter.cuda import CudaScatter
+
+    return CudaScatter()
+
+
+def test_gpu_replays_the_cpu_reference_histories(gpu) -> None:
+    from drrfarm.scatter import simulate
+
+    vol = bone_in_water_volume(centre_z_mm=700.0)
+    tables = tables_for("90KV_AL40", vol.material_names)
+    cams = [axis_camera(250.0, 48, sdd_mm=1000.0)]
+    res = gpu.resident("bone", vol)
+    for solid_angle in (False, True):
+        ref = simulate(vol, tables, cams[0], 40_000, seed=123, tally_shape=(12, 12), solid_angle=solid_angle)
+        out = gpu.simulate(res, tables, cams, 40_000, [123], tally_shape=(12, 12), solid_angle=solid_angle)[0]
+        assert out.interactions == ref.interactions  # every history identical
+        for k in ("emitted", "deposited", "escaped", "detected"):
+            assert out.energy_kev[k] == pytest.approx(ref.energy_kev[k], rel=1e-9), k
+        for name in ("scatter_signal", "scatter_counts", "primary_signal", "primary_counts"):
+            a, b = getattr(out, name), getattr(ref, name)
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7 * b.max(), err_msg=name)  # float32 tallies
+
+
+def test_gpu_batch_uses_each_images_seed_and_camera(gpu) -> None:
+    from drrfarm.geometry import Camera
+
+    vol = bone_in_water_volume(centre_z_mm=700.0)
+    tables = tables_for("90KV_AL40", vol.material_names)
+    base = axis_camera(250.0, 48, sdd_mm=1000.0)
+    tilted = Camera(base.K, np.array([[1, 0, 0], [0, 0.98, -0.198997], [0, 0.198997, 0.98]]), base.t, 48, 48,
+                    base.pixel_mm)
+    res = gpu.resident("bone", vol)
+    both = gpu.simulate(res, tables, [base, tilted], 30_000, [5, 6], tally_shape=(8, 8))
+    alone = gpu.simulate(res, tables, [tilted], 30_000, [6], tally_shape=(8, 8))[0]
+    assert both[1].interactions == alone.interactions
+    np.testing.assert_allclose(both[1].scatter_signal, alone.scatter_signal, rtol=1e-5, atol=1e-9)
+    assert both[0].interactions != both[1].interactions
+
+
+def test_gpu_narrow_beam_attenuation_at_ten_million_photons(gpu) -> None:
+    vol = slab_volume(100.0, 200.0, 1000.0, gap_mm=400.0)
+    tables = tables_for("mono:60", ["water"])
+    n = 10_000_000
+    out = gpu.simulate(gpu.resident("slab10", vol), tables, [axis_camera(4.0, 4)], n, [9], tally_shape=(1, 1))[0]
+    mu = float(np.interp(60.0, tables.energy_grid_kev, tables.mu_cm2_g[0].sum(axis=0)))
+    expected = np.exp(-mu * 10.0)
+    assert abs(out.primary_counts[0, 0] - expected) < 4.5 * np.sqrt(expected * (1 - expected) / n)
+    e = out.energy_kev
+    assert e["emitted"] == pytest.approx(e["deposited"] + e["escaped"], rel=1e-9)
+
+
+def test_gpu_spr_of_the_20cm_water_slab(gpu) -> None:
+    from test_scatter import PUBLISHED_SPR_20CM_WATER_30CM_FIELD
+
+    vol = slab_volume(200.0, 500.0, 1000.0, gap_mm=0.0)
+    tables = tables_for("tube:90:2.5", ["water"])
+    out = gpu.simulate(gpu.resident("slab20", vol), tables, [axis_camera(300.0, 60)], 50_000_000, [4],
+                       tally_shape=(5, 5))[0]
+    assert out.primary_signal[2, 2] > 0
+    spr = out.scatter_signal[2, 2] / out.primary_signal[2, 2]
+    assert spr == pytest.approx(PUBLISHED_SPR_20CM_WATER_30CM_FIELD, rel=0.10)
+
+
+def test_fast_estimate_on_the_chest_ct_is_within_15_percent_at_a_twentieth_of_the_cost() -> None:
+    pytest.importorskip("pycuda.driver")
+    from drrfarm.geometry import CArm, world_from_patient_default
+    from drrfarm.physics import Physics
+    from drrfarm.samples import chest_ct
+    from drrfarm.scatter import ScatterEstimator, ScatterVolume
+    from drrfarm.volume import load_volume, segment_by_thresholds
+
+    vol = load_volume(str(chest_ct()))
+    mv = segment_by_thresholds(vol)
+    wfp = world_from_patient_default(vol.centre_patient_mm())
+
+    def make() -> ScatterVolume:
+        return ScatterVolume(mv.densities_g_cm3, wfp @ mv.patient_from_ijk, mv.material_names)
+
+    tables = tables_for("90KV_AL40", mv.material_names)
+    est = ScatterEstimator("cuda")
+    for alpha in (0.0, 90.0):
+        cam = CArm(height=512, width=512, pixel_mm=0.582).camera(alpha, 0.0)
+        ref = est.estimate("chest", make, [cam], None,
+                           Physics(scatter="monte_carlo", scatter_photons=200_000_000, scatter_bins=32), [1],
+                           tables=tables)[0]
+        fast = est.estimate("chest", make, [cam], None, Physics(scatter="fast", scatter_photons=1_000_000), [2],
+                            tables=tables)[0]
+        rel = np.abs(fast.signal - ref.signal) / ref.signal
+        assert rel.mean() <= 0.15, (alpha, rel.mean())
+        assert ref.tally.seconds >= 20 * fast.tally.seconds, (ref.tally.seconds, fast.tally.seconds)
+
