@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
               "commit": "uncommitted working tree", "size": SIZE, "batch": args.batch, "mesh_kernel": tracer.build,
               "backend_takes_meshes": has_meshes_kw}
     print(json.dumps(header), flush=True)
-    ctx = {"backend": backend, "handle": handle, "tables": tables, "physics": physics, "tracer": tracer,
+    ctx = {"backend": backend, "handle": handle, "tables": tables, "tables_for": tables_for, "physics": physics,
+           "tracer": tracer,
            "mv": mv, "wfp": wfp, "e2e": has_meshes_kw, "cpu": args.cpu}
     rows = []
     for pose in args.poses.split(","):
@@ -142,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def render_time(ctx: dict, cams: list, out, stream, meshes=None) -> float:
     """Median seconds of one render launch (images left on the GPU)."""
+    from drrfarm.render import output_material_names
+
     backend = ctx["backend"]
     kw = {} if meshes is None else {"meshes": [meshes] * len(cams)}
     seeds = list(range(len(cams)))
+    tables = ctx["tables"] if meshes is None else ctx["tables_for"](
+        output_material_names(ctx["mv"].material_names, meshes))
 
     def launch() -> None:
-        backend.render_async(ctx["handle"], cams, ctx["tables"], ctx["physics"], seeds, dtype="uint16", out=out,
+        backend.render_async(ctx["handle"], cams, tables, ctx["physics"], seeds, dtype="uint16", out=out,
                              to_host=False, stream=stream, **kw)
 
     with backend._gpu.context():

@@ -45,6 +45,9 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solid-angle", action="store_true", help="apply the inverse-square/obliquity fall-off")
     p.add_argument("--photons", type=float, default=None, help="photons per pixel (adds quantum noise)")
     p.add_argument("--electronic-noise", type=float, default=0.0, help="Gaussian noise, photon-equivalents")
+    p.add_argument("--scatter", default="none", choices=("none", "fast", "monte_carlo"),
+                   help="add X-ray scatter (docs/scatter.md)")
+    p.add_argument("--scatter-photons", type=int, default=None, help="Monte Carlo histories for --scatter")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--npy", action="store_true", help="also write the float32 image as .npy")
@@ -63,7 +66,8 @@ def _run_render(args: argparse.Namespace) -> int:
         spectrum = args.spectrum or "90KV_AL40"
     physics = Physics(detector=args.detector, output=args.transform, photons=args.photons,
                       electronic_noise=args.electronic_noise, solid_angle=args.solid_angle,
-                      step_voxels=args.step_voxels, method=args.method)
+                      step_voxels=args.step_voxels, method=args.method, scatter=args.scatter,
+                      scatter_photons=args.scatter_photons)
     req = DrrRequest(ct=args.ct, alpha_deg=args.alpha, beta_deg=args.beta, gamma_deg=args.gamma,
                      spectrum=spectrum, labels=args.labels, label_table=args.label_table, size_px=args.size,
                      pixel_mm=args.pixel_mm, sdd_mm=args.sdd_mm, sid_mm=args.sid_mm,

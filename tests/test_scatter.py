@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scatter_cases import axis_camera, bone_in_water_volume, mono, slab_volume
+from test_cuda import PHILOX_KAT  # Random123's known-answer vectors (also the renderer's noise)
 
 from drrfarm.errors import PhysicsError
 from drrfarm.materials import mass_attenuation_cm2_g
@@ -17,14 +18,6 @@ from drrfarm.scatter.philox import philox4x32_10
 from drrfarm.scatter.reference import rotate, sample_compton, sample_rayleigh
 from drrfarm.scatter.tables import ELECTRON_REST_ENERGY_KEV, HC_KEV_ANGSTROM
 from drrfarm.spectrum import tube_spectrum
-
-# Random123's known-answer vectors for Philox4x32-10 (also used for the renderer's noise kernel).
-PHILOX_KAT = [
-    ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
-    ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
-    ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
-     [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
-]
 
 
 def test_vectorised_philox_matches_known_answers() -> None:
@@ -242,7 +235,7 @@ def test_scatter_adds_to_the_signal_and_to_the_poisson_counts() -> None:
     tables = detector_tables(mono(60.0), ["water"], physics)
     A = np.full((1, 64, 64), 5.0)  # 5 g/cm² of water
     tau_p = float(np.exp(-mass_attenuation_cm2_g("water", 60.0) * 5.0))
-    s = ScatterImage(np.full((64, 64), 0.5 * tau_p), np.full((64, 64), 0.5 * tau_p), None, "monte_carlo", 1, 0.0)
+    s = ScatterImage(np.full((8, 8), 0.5 * tau_p), np.full((8, 8), 0.5 * tau_p), 64, 64, None, "monte_carlo", 1, 0.0)
     noiseless = finish_image(A, tables, Physics(detector="photon_counting", output="transmission"), cam, 0, s)
     np.testing.assert_allclose(noiseless, 1.5 * tau_p, rtol=1e-6)
     noisy = finish_image(A, tables, physics, cam, 7, s)

@@ -28,6 +28,9 @@ MATERIAL_SETS = [
     ["water"],  # sphere phantom
     ["water", "bone"],  # two-material phantom
     ["water", "bone", "lung", "air", "aluminium"],  # inserts phantom (two textures)
+    ["water", "bone", "titanium", "steel"],  # tests/test_cuda_meshes.py: the phantom with screws and a K-wire
+    ["air", "soft_tissue", "bone", "titanium"],  # benchmarks/bench_meshes.py: the chest CT with one screw
+    ["air", "soft_tissue", "bone", "titanium", "steel"],  # ... and with screws and K-wires
 ]
 SPECTRA = ["90KV_AL40", "60KV_AL35", "mono:60", "90KV_AL40@20"]
 DETECTORS = ["ideal", "photon_counting", "csi"]

@@ -87,6 +87,7 @@ class SweepSummary:
     seconds: float = 0.0
     render_seconds: float = 0.0  # from the first shard dispatched to the last result
     images_per_s: float = 0.0
+    scatter_seconds: float = 0.0  # summed over the actors: what the scatter estimate cost
     complete: bool = False
     rendered_shards: list[str] = field(default_factory=list)
     per_actor: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -356,6 +357,7 @@ class _Farm:
         self.t_first: float | None = None
         self.t_last: float | None = None
         self._last_metrics = 0.0
+        self.scatter_s = 0.0
 
     # -- actors ------------------------------------------------------------------------------------
     def _new_actor(self) -> Any:
@@ -501,6 +503,7 @@ class _Farm:
         slot.images += n
         slot.shards += 1
         slot.busy_s += float(stats.get("render_s", 0.0)) + float(stats.get("write_s", 0.0))
+        self.scatter_s += float(stats.get("scatter_s", 0.0))
         slot.volumes = set(stats.get("resident_volumes", [])) | {self.plan.shards[j].volume_index
                                                                  for j in slot.inflight.values()}
         slot.info = {k: stats.get(k) for k in ("actor_id", "node_id", "host", "pid", "gpu_ids",
@@ -594,6 +597,7 @@ class _Farm:
             return
         self._last_metrics = now
         metrics = {"images_done": float(self.images_done), "images_per_s": self.progress.rate(),
+                   "scatter_seconds": self.scatter_s,
                    "retries": float(self.retries), "failures": float(len(self.failed)),
                    "actor_errors": float(self.actor_errors)}
         for s in self.slots:
@@ -785,6 +789,7 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
             summary.shards_rendered = len(farm.done)
             summary.rendered_shards = sorted(farm.done)
             summary.images_rendered = farm.images_rendered
+            summary.scatter_seconds = farm.scatter_s
             if farm.t_first is not None and farm.t_last is not None:
                 summary.render_seconds = farm.t_last - farm.t_first
             summary.per_actor = {

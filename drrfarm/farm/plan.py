@@ -311,6 +311,9 @@ class Plan:
             lm = spec.landmarks
             src = lm.file or (f"{len(lm.points)} inline points" if lm.points else "no points")
             lines.append(f"landmarks: {src}{'; tool tips' if lm.tool_tips else ''}")
+        sc = self.spec.scatter
+        if sc is not None and sc.mode != "none":
+            lines.append(f"scatter:   {sc.mode}, {sc.photons or 'default'} histories per image (docs/scatter.md)")
         lines.append(f"images:    {self.n_images}  ({self.n_volumes} volumes x {self.n_spectra} spectra x "
                      f"{self.n_photons} photon settings x {self.n_poses} poses)")
         lines.append(f"shards:    {self.n_shards}  (up to {spec.output.shard_size} images each)")

@@ -47,6 +47,7 @@ MONO_RANGE_KEV = (1.0, 800.0)  # drrfarm.spectrum.MONO_RANGE_KEV
 DETECTOR_MODELS = ("ideal", "photon_counting", "csi")
 OUTPUT_TRANSFORMS = ("line_integral", "transmission", "intensity", "neglog")
 PHYSICS_METHODS = ("trilinear", "joseph")
+SCATTER_MODES = ("none", "fast", "monte_carlo")
 BACKENDS = ("auto", "cpu", "cuda")
 FORMATS = ("parquet", "png")
 IMAGE_DTYPES = ("uint16", "float16", "float32")
@@ -296,6 +297,15 @@ class PhysicsSpec:
 
 
 @dataclass(frozen=True)
+class ScatterSpec:
+    """X-ray scatter added to every image (:mod:`drrfarm.scatter`)."""
+
+    mode: str = "none"  # none | fast | monte_carlo
+    photons: int | None = None  # Monte Carlo histories per image; None: the mode's default for the backend
+    bins: int = 64  # longest side of the Monte Carlo's tally grid
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     """Where and how shards are written. ``url``: local path (resolved against the current
     directory) or fsspec URL."""
@@ -347,6 +357,7 @@ class SweepSpec:
     tools: tuple[ToolSpec, ...] = ()  # drrfarm.farm.spec_scene
     labels: LabelsSpec | None = None
     landmarks: LandmarksSpec | None = None
+    scatter: ScatterSpec | None = None
     source: str = "<dict>"  # the file it was read from
     raw: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
@@ -368,6 +379,7 @@ class SweepSpec:
             **({"tools": [t.content() for t in self.tools]} if self.tools else {}),
             **({"labels": self.labels.content()} if self.labels is not None else {}),
             **({"landmarks": self.landmarks.content()} if self.landmarks is not None else {}),
+            **({"scatter": dataclasses.asdict(self.scatter)} if self.scatter is not None else {}),
         }
 
     @property
@@ -627,7 +639,7 @@ class _Validator:
         top = self.mapping(
             data, "",
             ["version", "name", "seed", "volumes", "poses", "spectra", "detector", "image", "physics",
-             "backend", "output", "tracking", "farm", "tools", "labels", "landmarks"],
+             "backend", "output", "tracking", "farm", "tools", "labels", "landmarks", "scatter"],
             required=["volumes", "poses", "spectra", "image", "output"])
         if "version" in top:
             version = self.integer(top["version"], "version")
@@ -655,10 +667,11 @@ class _Validator:
                 and len({v.path for v in volumes}) > 1:
             self.fail("labels.label_map", f"one label map cannot describe {len(volumes)} CTs; write "
                                           "{volume_id} in the path to name one per volume")
+        scatter = self.scatter(top["scatter"], "scatter") if "scatter" in top else None
         return SweepSpec(volumes=volumes, poses=poses, spectra=spectra, detector=detector, image=image,
                          physics=physics, output=output, tracking=tracking, farm=farm, backend=backend,
                          seed=seed, name=name, tools=tools, labels=labels, landmarks=landmarks,
-                         source=self.source, raw=data)
+                         scatter=scatter, source=self.source, raw=data)
 
     def volumes(self, value: Any, path: str) -> tuple[VolumeSpec, ...]:
         items = self.seq(value, path)
@@ -982,6 +995,18 @@ class _Validator:
                            hi=4.0)
         method = self.choice(m.get("method", d.method), _join(path, "method"), PHYSICS_METHODS)
         return PhysicsSpec(step_voxels=step, method=method)
+
+    def scatter(self, value: Any, path: str) -> ScatterSpec:
+        if isinstance(value, str):
+            value = {"mode": value}
+        m = self.mapping(value, path, ["mode", "photons", "bins"])
+        d = ScatterSpec()
+        mode = self.choice(m.get("mode", d.mode), _join(path, "mode"), SCATTER_MODES)
+        photons = m.get("photons")
+        if photons is not None:
+            photons = self.integer(photons, _join(path, "photons"), lo=1, hi=2**32 - 1)
+        bins = self.integer(m.get("bins", d.bins), _join(path, "bins"), lo=1, hi=1024)
+        return ScatterSpec(mode=mode, photons=photons, bins=bins)
 
     def output(self, value: Any, path: str) -> OutputSpec:
         if isinstance(value, str):

@@ -65,7 +65,26 @@ def physics_for(spec: SweepSpec, photons: float | None) -> Any:
     return Physics(detector=d.model, output=d.output, photons=float(photons) if photons is not None else None,
                    electronic_noise=d.electronic_noise,
                    csi_thickness_mm=d.csi_thickness_mm, solid_angle=d.solid_angle,
-                   step_voxels=spec.physics.step_voxels, method=spec.physics.method)
+                   step_voxels=spec.physics.step_voxels, method=spec.physics.method,
+                   **scatter_options(spec))
+
+
+def scatter_columns(physics: Any, backend_name: str, seconds: float, n_images: int) -> dict[str, Any]:
+    """Per-image scatter columns: the mode, the Monte Carlo histories used and the seconds spent (its cost)."""
+    if physics.scatter == "none":
+        return {"scatter": "none"}
+    from drrfarm.scatter import default_photons
+
+    photons = physics.scatter_photons or default_photons(physics.scatter, "cuda" if backend_name == "cuda" else "cpu")
+    return {"scatter": physics.scatter, "scatter_photons": int(photons), "scatter_seconds": seconds / max(1, n_images)}
+
+
+def scatter_options(spec: SweepSpec) -> dict[str, Any]:
+    """The :class:`drrfarm.physics.Physics` scatter fields of ``spec`` (none without a ``scatter`` section)."""
+    s = spec.scatter
+    if s is None:
+        return {}
+    return {"scatter": s.mode, "scatter_photons": s.photons, "scatter_bins": s.bins}
 
 
 def camera_for(spec: SweepSpec, pose: Pose) -> Any:
@@ -296,18 +315,24 @@ class RenderWorker:
         cameras = [camera_for(self.spec, p) for p in task.poses]
         scene = self.scene(task.volume_index)
         tools = [scene.tools_for(p.index) for p in task.poses] if scene is not None and scene.tools else None
+        backend = self.backend()
+        scatter_before = getattr(backend, "scatter_seconds", 0.0)
         if tools:
-            images = self.backend().render(handle, cameras, spectrum, physics, list(task.seeds), meshes=tools)
+            images = backend.render(handle, cameras, spectrum, physics, list(task.seeds), meshes=tools)
         else:
-            images = self.backend().render(handle, cameras, spectrum, physics, list(task.seeds))
+            images = backend.render(handle, cameras, spectrum, physics, list(task.seeds))
         images = np.ascontiguousarray(images, dtype=np.float32)
         rows = image_rows(self.spec, task, cameras, spectrum, photons, vinfo["volume_id"], vinfo["sha256"])
         scale = storage_scale(self.spec.detector.output)
+        scatter = scatter_columns(physics, backend.name, getattr(backend, "scatter_seconds", 0.0) - scatter_before,
+                                  len(rows))
         for i, r in enumerate(rows):
             r["image_scale"] = scale
+            r.update(scatter)
             if scene is not None:
                 r.update(scene.annotate(cameras[i], tools[i] if tools else []))
-        info = {"volume": vinfo, "volume_loaded": loaded}
+        info = {"volume": vinfo, "volume_loaded": loaded,
+                "scatter_s": float(sum(r.get("scatter_seconds") or 0.0 for r in rows))}
         if scene is not None:
             info["file_metadata"] = scene.file_metadata()
         return images, rows, info
@@ -359,6 +384,7 @@ class RenderWorker:
             "shard_id": task.shard_id, "shard_index": task.shard_index, "attempt": task.attempt,
             "images": len(rows), "volume_index": task.volume_index, "volume_loaded": info["volume_loaded"],
             "volume_info": info["volume"], "wait_s": t1 - t0, "render_s": t2 - t1, "write_s": t3 - t2,
+            "scatter_s": info["scatter_s"],
             "seconds": t3 - t0, "entry": _entry_dict(entry),
         })
         return stats

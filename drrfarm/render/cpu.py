@@ -59,6 +59,8 @@ class CpuBackend:
         self._cache: OrderedDict[str, CpuVolume] = OrderedDict()
         self._hits = 0
         self._misses = 0
+        self._scatter: Any = None
+        self.scatter_seconds = 0.0  # time spent on scatter since construction
 
     def prepare(self, material_volume: Any, world_from_patient: np.ndarray | None = None) -> CpuVolume:
         world_from_patient = np.eye(4) if world_from_patient is None else np.asarray(world_from_patient, float)
@@ -91,18 +93,43 @@ class CpuBackend:
 
     def render(self, handle: CpuVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
                seeds: list[int], meshes: Any = None) -> np.ndarray:
-        """(B, H, W) float32 images; ``meshes`` (one list, or one list per camera) render in the same pass."""
-        if meshes_per_image(meshes, len(cameras)) is not None:
+        """(B, H, W) float32 images; ``meshes`` (one list, or one list per camera) render in the same pass;
+        ``physics.scatter`` adds the CT's scatter (:mod:`drrfarm.scatter`) before the noise."""
+        with_meshes = meshes_per_image(meshes, len(cameras)) is not None
+        if physics.scatter == "none" and with_meshes:
             return mesh_reference.cpu_render(handle, cameras, spectrum, physics, seeds, meshes)
         if len(seeds) != len(cameras):
             raise phys.PhysicsError(f"seeds: need one seed per camera ({len(cameras)}), got {len(seeds)}")
-        tables = phys.detector_tables(spectrum, handle.material_names, physics)
+        scatter = self.scatter(handle, cameras, spectrum, physics, seeds)
+        names, A_all = (mesh_reference.cpu_line_integrals(handle, cameras, physics, meshes) if with_meshes
+                        else (handle.material_names, None))
+        tables = phys.detector_tables(spectrum, names, physics)
         images = []
-        for cam, seed in zip(cameras, seeds, strict=True):
-            A = reference.line_integrals(handle.densities, handle.world_from_ijk, handle.spacing_mm, cam,
-                                         method=physics.method, step_voxels=physics.step_voxels)
-            images.append(phys.finish_image(A, tables, physics, cam, seed))
+        for b, (cam, seed) in enumerate(zip(cameras, seeds, strict=True)):
+            A = A_all[b] if A_all is not None else reference.line_integrals(
+                handle.densities, handle.world_from_ijk, handle.spacing_mm, cam, method=physics.method,
+                step_voxels=physics.step_voxels)
+            images.append(phys.finish_image(A, tables, physics, cam, seed, scatter[b] if scatter else None))
         return np.stack(images)
+
+    def scatter(self, handle: CpuVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
+                seeds: list[int]) -> list[Any] | None:
+        """The CT's scatter images (:class:`drrfarm.scatter.ScatterImage`), or None for ``scatter: none``.
+        Their cost is added to ``scatter_seconds``."""
+        if physics.scatter == "none":
+            return None
+        from drrfarm.scatter import ScatterEstimator, ScatterVolume
+
+        if self._scatter is None:
+            self._scatter = ScatterEstimator("cpu")
+
+        def volume() -> ScatterVolume:  # a (M, I, J, K) view of the packed grid, no copy
+            dens = handle.densities.tensor[0, :, 1:-1, 1:-1, 1:-1].numpy().transpose(0, 3, 2, 1)
+            return ScatterVolume(dens, handle.world_from_ijk, handle.material_names)
+
+        out = self._scatter.estimate(handle.key, volume, cameras, spectrum, physics, seeds)
+        self.scatter_seconds += sum(s.seconds for s in out)
+        return out
 
     def cache_stats(self) -> dict[str, int]:
         return {

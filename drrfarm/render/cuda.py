@@ -77,8 +77,9 @@ _PARAMS_DTYPE = np.dtype([
     ("nbmax", "<i4"), ("mode", "<i4"), ("output", "<i4"), ("out_dtype", "<i4"),
     ("scale", "<f4"), ("photons", "<f4"), ("sigma_e", "<f4"), ("tau_min", "<f4"),
     ("solid_angle", "<i4"), ("pad0", "<i4"), ("pad1", "<i4"), ("pad2", "<i4"),
+    ("scatter", "<u8"), ("scatter_h", "<i4"), ("scatter_w", "<i4"), ("pad3", "<i4"), ("pad4", "<i4"),
 ])
-assert _PARAMS_DTYPE.itemsize == 240
+assert _PARAMS_DTYPE.itemsize == 264
 
 
 # ------------------------------------------------------------------------------------ device objects
@@ -340,6 +341,8 @@ class CudaBackend:
         self.kernel_source = how
         self._functions: dict[str, Any] = {}
         self._staging = _Staging()
+        self._scatter: Any = None  # drrfarm.scatter.ScatterEstimator on this GPU, made on first use
+        self.scatter_seconds = 0.0  # time spent on scatter since construction
         self._scratch: dict[Any, list[Any]] = {}
         self._tables_cache: dict[tuple, phys.DetectorTables] = {}
         self._stream = None
@@ -491,8 +494,10 @@ class CudaBackend:
     def _launch(self, vol: CudaVolume, cameras: Sequence[Any], physics: phys.Physics, *, mode: int,
                 spectra: Any = None, seeds: Sequence[int] | None = None, dtype: str = "float32",
                 to_host: bool = True, out: Any = None, host_out: np.ndarray | None = None,
-                stream: Any = None, meshes: Sequence[Sequence[Any]] | None = None) -> RenderJob:
-        """One launch. ``meshes``: one list per camera, all of one scene (same meshes, own poses)."""
+                stream: Any = None, meshes: Sequence[Sequence[Any]] | None = None,
+                scatter: np.ndarray | None = None) -> RenderJob:
+        """One launch. ``meshes``: one list per camera, all of one scene (same meshes, own poses);
+        ``scatter``: (B, 2, H_t, W_t) scatter signal and counts tallies added before the noise (mode 1)."""
         B = len(cameras)
         if B == 0:
             raise BackendError("cameras: need at least one camera")
@@ -557,6 +562,12 @@ class CudaBackend:
                 blobs = [cams.tobytes(), info.tobytes(), tables.tobytes()]
                 if meshes:  # mesh.cu's camera records and per-image poses
                     blobs += [pack_cameras(cameras).tobytes(), np.ascontiguousarray(pack_poses(meshes)).tobytes()]
+                if scatter is not None:
+                    scatter = np.ascontiguousarray(scatter, dtype=np.float32)
+                    if mode != 1 or scatter.ndim != 4 or scatter.shape[:2] != (B, 2):
+                        raise BackendError(f"scatter: need (B={B}, 2, H_t, W_t) tallies for an image launch, "
+                                           f"got {scatter.shape}")
+                    blobs.append(scatter.tobytes())
                 offsets, total = [], 0
                 for blob in blobs:
                     offsets.append(total)
@@ -601,6 +612,9 @@ class CudaBackend:
                 p["sigma_e"] = float(physics.electronic_noise) if physics.photons else 0.0
                 p["tau_min"] = 0.5 / physics.photons if physics.photons else phys.NOISELESS_TAU_MIN
                 p["solid_angle"] = int(bool(physics.solid_angle))
+                if scatter is not None:
+                    p["scatter"] = base + offsets[-1]
+                    p["scatter_h"], p["scatter_w"] = scatter.shape[2], scatter.shape[3]
                 neglog = mode == 1 and physics.output == "neglog"
                 if neglog:
                     scratch, minmax = self._scratch_for(stream, B * H * W, B)
@@ -732,7 +746,8 @@ class CudaBackend:
     def render_async(self, handle: CudaVolume, cameras: Sequence[Any], spectrum: Any, physics: phys.Physics,
                      seeds: Sequence[int], *, dtype: str = "float32", to_host: bool = True, out: Any = None,
                      host_out: np.ndarray | None = None, stream: Any = None,
-                     meshes: Sequence[Sequence[Any]] | None = None) -> RenderJob:
+                     meshes: Sequence[Sequence[Any]] | None = None, scatter: np.ndarray | None = None
+                     ) -> RenderJob:
         """Enqueue one batch; returns at once.
 
         ``spectrum``: a :class:`~drrfarm.spectrum.Spectrum` or precomputed
@@ -742,10 +757,12 @@ class CudaBackend:
         :class:`DeviceImages` or write into any CUDA array (e.g. a torch tensor); ``host_out``: reuse
         a pinned array (from :meth:`pinned`). ``to_host=False`` keeps the images on the GPU only.
         ``meshes``: one list per camera, all of one scene (the same meshes, each image its own poses).
+        ``scatter``: (B, 2, H_t, W_t) float32 scatter signal and counts tallies (:meth:`scatter_tallies`),
+        interpolated to the detector and added before the noise.
         """
         return self._launch(handle, cameras, physics, mode=1, spectra=spectrum, seeds=seeds, dtype=dtype,
                             to_host=to_host, out=out, host_out=host_out, stream=stream,
-                            meshes=meshes_per_image(meshes, len(cameras)))
+                            meshes=meshes_per_image(meshes, len(cameras)), scatter=scatter)
 
     def render(self, handle: CudaVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
                seeds: list[int], meshes: Any = None) -> np.ndarray:
@@ -753,14 +770,46 @@ class CudaBackend:
         if len(seeds) != len(cameras):
             raise PhysicsError(f"seeds: need one seed per camera ({len(cameras)}), got {len(seeds)}")
         spectra = spectrum if isinstance(spectrum, (list, tuple)) else [spectrum] * len(cameras)
+        scatter = self.scatter_tallies(handle, cameras, spectra, physics, seeds)
 
         def run(idx: list[int], per: list[list[Any]] | None) -> np.ndarray:
             return self._grouped([cameras[i] for i in idx], lambda sub: self.render_async(
                 handle, [cameras[idx[i]] for i in sub], [spectra[idx[i]] for i in sub], physics,
-                [seeds[idx[i]] for i in sub], meshes=[per[i] for i in sub] if per else None).wait(),
+                [seeds[idx[i]] for i in sub], meshes=[per[i] for i in sub] if per else None,
+                scatter=None if scatter is None else scatter[[idx[i] for i in sub]]).wait(),
                 lambda h, w: (h, w))
 
         return self._by_scene(cameras, meshes, run, lambda h, w: (h, w))
+
+    def scatter_tallies(self, handle: CudaVolume, cameras: Sequence[Any], spectra: Sequence[Any],
+                        physics: phys.Physics, seeds: Sequence[int]) -> np.ndarray | None:
+        """(B, 2, H_t, W_t) float32 scatter signal and counts of the CT (:mod:`drrfarm.scatter`, on this GPU)
+        for ``physics.scatter`` = ``fast`` / ``monte_carlo``; None for ``none``. Adds to ``scatter_seconds``."""
+        if physics.scatter == "none":
+            return None
+        from drrfarm.scatter import ScatterEstimator, ScatterVolume
+
+        if self._scatter is None:
+            self._scatter = ScatterEstimator("cuda", self.device_index)
+
+        def volume() -> ScatterVolume:
+            return ScatterVolume(handle.densities, handle.world_from_ijk, handle.material_names)
+
+        out = np.zeros((len(cameras), 2, 1, 1), dtype=np.float32)
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(spectra):
+            groups.setdefault(id(s), []).append(i)
+        for idx in groups.values():
+            if isinstance(spectra[idx[0]], phys.DetectorTables):
+                raise BackendError("scatter: needs a Spectrum (not precomputed detector tables) to build its tables")
+            images = self._scatter.estimate(handle.key, volume, [cameras[i] for i in idx], spectra[idx[0]], physics,
+                                            [seeds[i] for i in idx])
+            if out.shape[2:] != images[0].signal_tally.shape:
+                out = np.zeros((len(cameras), 2, *images[0].signal_tally.shape), dtype=np.float32)
+            for i, s in zip(idx, images, strict=True):
+                out[i, 0], out[i, 1] = s.signal_tally, s.counts_tally
+                self.scatter_seconds += s.seconds
+        return out
 
     def line_integrals(self, handle: CudaVolume, cameras: list[Any], physics: phys.Physics,
                        meshes: Any = None) -> np.ndarray:

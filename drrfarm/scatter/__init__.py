@@ -16,6 +16,7 @@ primary before the noise, so the Poisson draw is on primary + scatter counts.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,15 +62,26 @@ def lowpass_sigma_bins(photons_per_bin: np.ndarray, photons_per_kernel: float = 
 
 @dataclass
 class ScatterImage:
-    """One image's scatter on the detector: ``signal`` and ``counts`` (H, W) float64 in τ / q units,
-    the tally it came from, the mode, histories and seconds spent (its cost)."""
+    """One image's scatter: ``signal_tally`` / ``counts_tally`` (H_t, W_t) in τ / q units (low-passed for
+    ``fast``) and their bilinear interpolation to the detector, ``signal`` / ``counts`` (H, W); the raw
+    tally, the mode, histories and seconds spent (its cost)."""
 
-    signal: np.ndarray
-    counts: np.ndarray
+    signal_tally: np.ndarray
+    counts_tally: np.ndarray
+    height: int
+    width: int
     tally: ScatterTally
     mode: str
     photons: int
     seconds: float
+
+    @functools.cached_property
+    def signal(self) -> np.ndarray:
+        return upsample_bilinear(self.signal_tally, self.height, self.width)
+
+    @functools.cached_property
+    def counts(self) -> np.ndarray:
+        return upsample_bilinear(self.counts_tally, self.height, self.width)
 
 
 class ScatterEstimator:
@@ -137,8 +149,7 @@ class ScatterEstimator:
             if fast:
                 sigma = lowpass_sigma_bins(cnt * (photons / cnt.size))
                 sig, cnt = gaussian_lowpass(sig, sigma), gaussian_lowpass(cnt, sigma)
-            out.append(ScatterImage(upsample_bilinear(sig, cam.height, cam.width),
-                                    upsample_bilinear(cnt, cam.height, cam.width), t, mode, photons, 0.0))
+            out.append(ScatterImage(sig, cnt, int(cam.height), int(cam.width), t, mode, photons, 0.0))
         per_image = (time.perf_counter() - t0) / max(1, len(cameras))
         for s in out:
             s.seconds = per_image

@@ -84,6 +84,9 @@ ROW_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("photons", "i64", 0),
     ("detector", "str", 0),
     ("output", "str", 0),
+    ("scatter", "str", 0),
+    ("scatter_photons", "i64", 0),
+    ("scatter_seconds", "f64", 0),
 )
 KNOWN_COLUMNS = frozenset(name for name, _, _ in ROW_COLUMNS)
 VECTOR_LENGTHS = {name: n for name, kind, n in ROW_COLUMNS if kind == "vec"}

@@ -56,6 +56,8 @@ struct Params {
     int nbmax, mode, output, out_dtype;
     float scale, photons, sigma_e, tau_min;
     int solid_angle, pad0, pad1, pad2;
+    u64 scatter;  // const float* (B, 2, scatter_h, scatter_w): scatter signal and counts tallies, or 0
+    int scatter_h, scatter_w, pad3, pad4;
 };
 
 enum { MODE_LINE_INTEGRALS = 0, MODE_IMAGE = 1 };
@@ -272,6 +274,33 @@ __device__ __forceinline__ void march_layers(const Params& p, int L, float b0, f
 }
 
 
+// Scatter tally (signal, counts) of image b at pixel (u, v): bilinear between bin centres, constant beyond
+// the outer ones (drrfarm.scatter.fast.upsample_bilinear).
+__device__ __forceinline__ float scatter_axis(int x, int n_out, int n_in, int& i0, int& i1) {
+    const float c = fminf(fmaxf(((float)x + 0.5f) * ((float)n_in / (float)n_out) - 0.5f, 0.0f), (float)(n_in - 1));
+    i0 = min((int)floorf(c), max(n_in - 2, 0));
+    i1 = min(i0 + 1, n_in - 1);
+    return c - (float)i0;
+}
+
+__device__ __forceinline__ void scatter_at(const Params& p, int u, int v, int b, float& sig, float& cnt) {
+    int u0, u1, v0, v1;
+    const float wu = scatter_axis(u, p.W, p.scatter_w, u0, u1);
+    const float wv = scatter_axis(v, p.H, p.scatter_h, v0, v1);
+    const size_t plane = (size_t)p.scatter_h * p.scatter_w;
+    const float* t = reinterpret_cast<const float*>(p.scatter) + (size_t)b * 2 * plane;
+    float out[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        const float* g = t + c * plane;
+        const float top = g[v0 * p.scatter_w + u0] * (1.0f - wu) + g[v0 * p.scatter_w + u1] * wu;
+        const float bot = g[v1 * p.scatter_w + u0] * (1.0f - wu) + g[v1 * p.scatter_w + u1] * wu;
+        out[c] = top * (1.0f - wv) + bot * wv;
+    }
+    sig = out[0];
+    cnt = out[1];
+}
+
 // Detector model, fall-off, noise, output transform and cast for one pixel (physics.finish_image).
 // ``sh``: this image's spectrum tables in shared memory; ``A``: the pixel's material line integrals.
 template <int MAXM>
@@ -303,6 +332,13 @@ __device__ __forceinline__ void finish_pixel(const Params& p, const float* sh, c
         const float g = 1.0f / (r2 * sqrtf(r2));
         tau *= g;
         q *= g;
+    }
+    // ---- scatter (drrfarm.scatter), added before the noise
+    if (p.scatter) {
+        float s_sig, s_cnt;
+        scatter_at(p, u, v, b, s_sig, s_cnt);
+        tau += s_sig;
+        q += s_cnt;
     }
     // ---- noise (physics.apply_noise)
     if (p.photons > 0.0f) {
