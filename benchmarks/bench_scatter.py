@@ -24,6 +24,7 @@ from scatter_cases import axis_camera, slab_volume, tables_for  # noqa: E402
 
 
 def chest() -> tuple:
+    """(material volume, world_from_patient, its Monte Carlo volume's maker) of the sample chest CT."""
     from drrfarm.geometry import world_from_patient_default
     from drrfarm.samples import chest_ct
     from drrfarm.scatter import ScatterVolume
@@ -32,7 +33,42 @@ def chest() -> tuple:
     vol = load_volume(str(chest_ct()))
     mv = segment_by_thresholds(vol)
     wfp = world_from_patient_default(vol.centre_patient_mm())
-    return mv.material_names, lambda: ScatterVolume(mv.densities_g_cm3, wfp @ mv.patient_from_ijk, mv.material_names)
+    return mv, wfp, lambda: ScatterVolume(mv.densities_g_cm3, wfp @ mv.patient_from_ijk, mv.material_names)
+
+
+def backend_throughput(mv, wfp, cams: list, tables, photons: int) -> list[dict]:
+    """images/s of ``CudaBackend.render`` (batch of ``cams``, float32 to the host) with scatter none / fast.
+
+    Where xraydb/SpekPy are missing (GPU hosts), the tables come from the shipped npz files."""
+    import drrfarm.physics
+    import drrfarm.scatter
+    from drrfarm.physics import Physics
+    from drrfarm.render.cuda import CudaBackend
+    from drrfarm.spectrum import Spectrum
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "device"))
+    from tables import load_tables
+
+    cdf = tables.spectrum_cdf
+    spectrum = Spectrum(tables.spectrum_kev, np.diff(np.concatenate([[0.0], cdf])), name="90KV_AL40")
+    drrfarm.scatter.transport_tables = lambda s, names, physics: tables
+    drrfarm.physics.detector_tables = lambda s, names, physics: load_tables("90KV_AL40", list(names), physics.detector)
+    backend = CudaBackend(device=0)
+    handle = backend.prepare(mv, wfp)
+    out = []
+    for mode in ("none", "fast"):
+        physics = Physics(output="line_integral", photons=10_000.0, scatter=mode, scatter_photons=photons)
+        seeds = list(range(len(cams)))
+        backend.render(handle, cams, spectrum, physics, seeds)  # warm-up (kernels, coarse volume)
+        t0 = time.perf_counter()
+        reps = 3
+        for _ in range(reps):
+            backend.render(handle, cams, spectrum, physics, seeds)
+        wall = (time.perf_counter() - t0) / reps
+        out.append({"kind": "backend_throughput", "scatter": mode, "images": len(cams),
+                    "images_per_s": len(cams) / wall, "ms_per_image": 1e3 * wall / len(cams)})
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def main() -> int:
@@ -41,7 +77,7 @@ def main() -> int:
     ap.add_argument("--md", type=Path)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--reference-photons", type=int, default=200_000_000)
-    ap.add_argument("--fast-photons", type=int, default=1_000_000)
+    ap.add_argument("--fast-photons", type=int, default=500_000)
     args = ap.parse_args()
 
     from drrfarm.geometry import CArm
@@ -49,8 +85,8 @@ def main() -> int:
     from drrfarm.scatter import ScatterEstimator
     from drrfarm.scatter.cuda import CudaScatter
 
-    names, make = chest()
-    tables = tables_for("90KV_AL40", names)
+    mv, wfp, make = chest()
+    tables = tables_for("90KV_AL40", mv.material_names)
     est = ScatterEstimator("cuda")
     gpu: CudaScatter = est._gpu
     rows: list[dict] = []
@@ -87,6 +123,23 @@ def main() -> int:
                      "fast_wall_s": fast.seconds})
         print(json.dumps(rows[-1]), flush=True)
 
+    # 2b. the fast estimate's accuracy and cost against its number of histories (AP and lateral)
+    for view in ("AP", "lateral"):
+        a, b = views[view]
+        cam = CArm(height=size, width=size, pixel_mm=pixel).camera(a, b)
+        ref = est.estimate("chest", make, [cam], None, Physics(scatter="monte_carlo",
+                           scatter_photons=args.reference_photons, scatter_bins=32), [21], tables=tables)[0]
+        for n in (100_000, 250_000, 500_000, 1_000_000, 2_000_000):
+            errs = []
+            for seed in (31, 32, 33):
+                fast = est.estimate("chest", make, [cam], None, Physics(scatter="fast", scatter_photons=n), [seed],
+                                    tables=tables)[0]
+                errs.append(float(np.mean(np.abs(fast.signal - ref.signal) / ref.signal)))
+            rows.append({"kind": "fast_photons", "view": view, "fast_photons": n,
+                         "mean_rel_error": float(np.mean(errs)), "worst_of_3": float(np.max(errs)),
+                         "fast_kernel_s": fast.tally.seconds})
+            print(json.dumps(rows[-1]), flush=True)
+
     # 3. fast estimate throughput: a batch of 16 poses per call, end to end (kernel + low-pass + upsampling)
     cams = [CArm(height=size, width=size, pixel_mm=pixel).camera(a, 0.0) for a in np.linspace(-30, 30, 16)]
     phys = Physics(scatter="fast", scatter_photons=args.fast_photons)
@@ -98,6 +151,9 @@ def main() -> int:
     rows.append({"kind": "fast_throughput", "images": 16, "size": size, "photons": args.fast_photons,
                  "wall_s": wall, "images_per_s": 16 / wall, "kernel_s_per_image": kernel / 16})
     print(json.dumps(rows[-1]), flush=True)
+
+    # 3b. the CUDA backend end to end (render + scatter + finish on the GPU, images to the host), batch 16
+    rows += backend_throughput(mv, wfp, cams, tables, args.fast_photons)
 
     # 4. the 20 cm water slab (30 x 30 cm field, 90 kVp / 2.5 mm Al, no air gap, no grid)
     slab = gpu.resident("slab20", slab_volume(200.0, 500.0, 1000.0, gap_mm=0.0))

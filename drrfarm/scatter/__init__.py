@@ -42,7 +42,7 @@ __all__ = [
 SCATTER_MODES = ("none", "fast", "monte_carlo")
 #: Histories per image when ``scatter_photons`` is not given, per mode and engine.
 DEFAULT_PHOTONS = {("monte_carlo", "cuda"): 50_000_000, ("monte_carlo", "cpu"): 2_000_000,
-                   ("fast", "cuda"): 1_000_000, ("fast", "cpu"): 100_000}
+                   ("fast", "cuda"): 500_000, ("fast", "cpu"): 100_000}
 FAST_VOXEL_MM = 4.0  # the fast estimate's coarse voxels (scatter does not resolve finer detail)
 FAST_MAX_BINS = 32
 
