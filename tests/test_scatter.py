@@ -184,6 +184,17 @@ def test_scatter_to_primary_ratio_of_a_20cm_water_slab_matches_published_monte_c
     assert res.scatter_signal[2, 2] > 1.3 * res.scatter_signal[0, 0]
 
 
+def test_an_empty_volume_ending_at_the_panel_passes_every_photon() -> None:
+    """Open field through a vacuum grid whose exit face is the detector plane: every photon is a primary
+    on the panel (round-off must not put exits behind the plane)."""
+    vol = slab_volume(200.0, 500.0, 1000.0, gap_mm=0.0)
+    vol = type(vol)(vol.densities_g_cm3 * 0, vol.world_from_ijk, vol.material_names)
+    res = simulate(vol, transport_tables(mono(60.0), ["water"], Physics()), axis_camera(300.0, 60), 20_000,
+                   seed=5, tally_shape=(3, 3))
+    np.testing.assert_allclose(res.primary_signal, 1.0, rtol=0.05)
+    assert res.energy_kev["detected"] == pytest.approx(res.energy_kev["emitted"], rel=1e-12)
+
+
 def test_coarsened_volume_keeps_mass_and_extent() -> None:
     vol = bone_in_water_volume()
     coarse = coarsen_volume(vol, 4)

@@ -110,6 +110,9 @@ class SweepSummary:
         if self.images_rendered:
             lines.append(f"  throughput {self.images_per_s:.2f} images/s on {self.actors} {self.backend} actor(s); "
                          f"{_fmt_duration(self.seconds)} total")
+        if self.scatter_seconds > 0:
+            lines.append(f"  scatter {self.scatter_seconds:.1f} s of actor time "
+                         f"({self.scatter_seconds / max(1, self.images_rendered) * 1e3:.1f} ms per image)")
         for sid in self.failed_shards[:10]:
             lines.append(f"  failed {sid}: {self.errors.get(sid, '?')}")
         if len(self.failed_shards) > 10:

@@ -39,6 +39,7 @@ from drrfarm.scatter.philox import uniforms
 from drrfarm.scatter.tables import ELECTRON_REST_ENERGY_KEV, HC_KEV_ANGSTROM, TransportTables, interp_grid
 
 MAX_TRIALS = 1000  # rejection-sampling trials before the last candidate is taken (never reached in practice)
+DETECTOR_TOL_MM = 1e-3  # photons this far past the detector plane (round-off) still hit it
 
 
 @dataclass
@@ -250,7 +251,7 @@ def _detect(pos: np.ndarray, d: np.ndarray, energy: np.ndarray, weight: np.ndarr
     sdd = camera.sdd_mm
     toward = cd[:, 2] > 0.0
     s = np.where(toward, (sdd - c[:, 2]) / np.where(toward, cd[:, 2], 1.0), -1.0)
-    hit = toward & (s >= 0.0)
+    hit = toward & (s >= -DETECTOR_TOL_MM)  # a volume ending at the panel leaves a round-off behind it
     X = c[:, 0] + s * cd[:, 0]
     Y = c[:, 1] + s * cd[:, 1]
     u = (K[0, 0] * X + K[0, 1] * Y) / sdd + K[0, 2]

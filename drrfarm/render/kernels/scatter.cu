@@ -23,6 +23,7 @@ typedef unsigned long long u64;
 #define ELECTRON_REST_ENERGY_KEV 510.99895
 #define TWO_PI 6.283185307179586
 #define INV_2_32 2.3283064365386963e-10
+#define DETECTOR_TOL_MM 1e-3  // photons this far past the detector plane (round-off) still hit it
 
 struct ScatterParams {
     u64 dens;          // const float* (I, J, K, M) g/cm3
@@ -146,7 +147,7 @@ __device__ void detect(const Ray& r, double e, double g, bool scattered, const d
     if (!(dz > 0.0)) return;
     const double sdd = cam[18];
     const double s = (sdd - cz) / dz;
-    if (!(s >= 0.0)) return;
+    if (!(s >= -DETECTOR_TOL_MM)) return;  // a volume ending at the panel leaves a round-off behind it
     const double X = cx + s * dx;
     const double Y = cy + s * dy;
     const double u = (cam[12] * X + cam[13] * Y) / sdd + cam[14];
