@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from drrfarm.physics import SCATTER_MODES
 from drrfarm.scatter.fast import coarsen_volume, coarsening_factors, gaussian_lowpass, upsample_bilinear
 from drrfarm.scatter.reference import ScatterTally, ScatterVolume, default_tally_shape, simulate
 from drrfarm.scatter.tables import TransportTables, transport_tables
@@ -39,7 +40,6 @@ __all__ = [
     "transport_tables",
 ]
 
-SCATTER_MODES = ("none", "fast", "monte_carlo")
 #: Histories per image when ``scatter_photons`` is not given, per mode and engine.
 DEFAULT_PHOTONS = {("monte_carlo", "cuda"): 50_000_000, ("monte_carlo", "cpu"): 2_000_000,
                    ("fast", "cuda"): 500_000, ("fast", "cpu"): 100_000}
