@@ -73,10 +73,10 @@ def scatter_columns(physics: Any, backend_name: str, seconds: float, n_images: i
     """Per-image scatter columns: the mode, the Monte Carlo histories used and the seconds spent (its cost)."""
     if physics.scatter == "none":
         return {"scatter": "none"}
-    from drrfarm.scatter import default_photons
+    from drrfarm.scatter import photons_for
 
-    photons = physics.scatter_photons or default_photons(physics.scatter, "cuda" if backend_name == "cuda" else "cpu")
-    return {"scatter": physics.scatter, "scatter_photons": int(photons), "scatter_seconds": seconds / max(1, n_images)}
+    photons = photons_for(physics, "cuda" if backend_name == "cuda" else "cpu")
+    return {"scatter": physics.scatter, "scatter_photons": photons, "scatter_seconds": seconds / max(1, n_images)}
 
 
 def scatter_options(spec: SweepSpec) -> dict[str, Any]:
@@ -324,15 +324,14 @@ class RenderWorker:
         images = np.ascontiguousarray(images, dtype=np.float32)
         rows = image_rows(self.spec, task, cameras, spectrum, photons, vinfo["volume_id"], vinfo["sha256"])
         scale = storage_scale(self.spec.detector.output)
-        scatter = scatter_columns(physics, backend.name, getattr(backend, "scatter_seconds", 0.0) - scatter_before,
-                                  len(rows))
+        scatter_s = getattr(backend, "scatter_seconds", 0.0) - scatter_before
+        scatter = scatter_columns(physics, backend.name, scatter_s, len(rows))
         for i, r in enumerate(rows):
             r["image_scale"] = scale
             r.update(scatter)
             if scene is not None:
                 r.update(scene.annotate(cameras[i], tools[i] if tools else []))
-        info = {"volume": vinfo, "volume_loaded": loaded,
-                "scatter_s": float(sum(r.get("scatter_seconds") or 0.0 for r in rows))}
+        info = {"volume": vinfo, "volume_loaded": loaded, "scatter_s": float(scatter_s)}
         if scene is not None:
             info["file_metadata"] = scene.file_metadata()
         return images, rows, info

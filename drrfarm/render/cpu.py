@@ -59,8 +59,7 @@ class CpuBackend:
         self._cache: OrderedDict[str, CpuVolume] = OrderedDict()
         self._hits = 0
         self._misses = 0
-        self._scatter: Any = None
-        self.scatter_seconds = 0.0  # time spent on scatter since construction
+        self._scatter: Any = None  # drrfarm.scatter.ScatterEstimator, made on first use
 
     def prepare(self, material_volume: Any, world_from_patient: np.ndarray | None = None) -> CpuVolume:
         world_from_patient = np.eye(4) if world_from_patient is None else np.asarray(world_from_patient, float)
@@ -115,7 +114,7 @@ class CpuBackend:
     def scatter(self, handle: CpuVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
                 seeds: list[int]) -> list[Any] | None:
         """The CT's scatter images (:class:`drrfarm.scatter.ScatterImage`), or None for ``scatter: none``.
-        Their cost is added to ``scatter_seconds``."""
+        Their cost adds to :attr:`scatter_seconds`."""
         if physics.scatter == "none":
             return None
         from drrfarm.scatter import ScatterEstimator, ScatterVolume
@@ -127,9 +126,12 @@ class CpuBackend:
             dens = handle.densities.tensor[0, :, 1:-1, 1:-1, 1:-1].numpy().transpose(0, 3, 2, 1)
             return ScatterVolume(dens, handle.world_from_ijk, handle.material_names)
 
-        out = self._scatter.estimate(handle.key, volume, cameras, spectrum, physics, seeds)
-        self.scatter_seconds += sum(s.seconds for s in out)
-        return out
+        return self._scatter.estimate(handle.key, volume, cameras, spectrum, physics, seeds)
+
+    @property
+    def scatter_seconds(self) -> float:
+        """Time spent on scatter since construction."""
+        return self._scatter.seconds if self._scatter is not None else 0.0
 
     def cache_stats(self) -> dict[str, int]:
         return {

@@ -342,7 +342,6 @@ class CudaBackend:
         self._functions: dict[str, Any] = {}
         self._staging = _Staging()
         self._scatter: Any = None  # drrfarm.scatter.ScatterEstimator on this GPU, made on first use
-        self.scatter_seconds = 0.0  # time spent on scatter since construction
         self._scratch: dict[Any, list[Any]] = {}
         self._tables_cache: dict[tuple, phys.DetectorTables] = {}
         self._stream = None
@@ -784,7 +783,7 @@ class CudaBackend:
     def scatter_tallies(self, handle: CudaVolume, cameras: Sequence[Any], spectra: Sequence[Any],
                         physics: phys.Physics, seeds: Sequence[int]) -> np.ndarray | None:
         """(B, 2, H_t, W_t) float32 scatter signal and counts of the CT (:mod:`drrfarm.scatter`, on this GPU)
-        for ``physics.scatter`` = ``fast`` / ``monte_carlo``; None for ``none``. Adds to ``scatter_seconds``."""
+        for ``physics.scatter`` = ``fast`` / ``monte_carlo``; None for ``none``. Adds to :attr:`scatter_seconds`."""
         if physics.scatter == "none":
             return None
         from drrfarm.scatter import ScatterEstimator, ScatterVolume
@@ -795,7 +794,7 @@ class CudaBackend:
         def volume() -> ScatterVolume:
             return ScatterVolume(handle.densities, handle.world_from_ijk, handle.material_names)
 
-        out = np.zeros((len(cameras), 2, 1, 1), dtype=np.float32)
+        out: np.ndarray | None = None  # one tally shape for the call: it follows the detector size and mode
         groups: dict[int, list[int]] = {}
         for i, s in enumerate(spectra):
             groups.setdefault(id(s), []).append(i)
@@ -804,12 +803,16 @@ class CudaBackend:
                 raise BackendError("scatter: needs a Spectrum (not precomputed detector tables) to build its tables")
             images = self._scatter.estimate(handle.key, volume, [cameras[i] for i in idx], spectra[idx[0]], physics,
                                             [seeds[i] for i in idx])
-            if out.shape[2:] != images[0].signal_tally.shape:
+            if out is None:
                 out = np.zeros((len(cameras), 2, *images[0].signal_tally.shape), dtype=np.float32)
             for i, s in zip(idx, images, strict=True):
                 out[i, 0], out[i, 1] = s.signal_tally, s.counts_tally
-                self.scatter_seconds += s.seconds
         return out
+
+    @property
+    def scatter_seconds(self) -> float:
+        """Time spent on scatter since construction."""
+        return self._scatter.seconds if self._scatter is not None else 0.0
 
     def line_integrals(self, handle: CudaVolume, cameras: list[Any], physics: phys.Physics,
                        meshes: Any = None) -> np.ndarray:

@@ -36,6 +36,7 @@ __all__ = [
     "ScatterTally",
     "ScatterVolume",
     "default_photons",
+    "photons_for",
     "simulate",
     "transport_tables",
 ]
@@ -49,6 +50,12 @@ FAST_MAX_BINS = 32
 
 def default_photons(mode: str, engine: str) -> int:
     return DEFAULT_PHOTONS[(mode, engine)]
+
+
+def photons_for(physics: Any, engine: str) -> int:
+    """Histories per image of ``physics.scatter`` on ``engine`` (``cpu`` / ``cuda``): the given count or
+    the mode's default."""
+    return int(physics.scatter_photons or default_photons(physics.scatter, engine))
 
 
 def lowpass_sigma_bins(photons_per_bin: np.ndarray, photons_per_kernel: float = 400.0) -> float:
@@ -87,13 +94,15 @@ class ScatterImage:
 class ScatterEstimator:
     """Scatter for a backend: ``engine='cpu'`` (NumPy reference) or ``'cuda'`` (the kernel).
 
-    Keeps each volume's Monte Carlo form (and its coarsened twin for ``fast``) resident by key.
+    Keeps each volume's Monte Carlo form (and its coarsened twin for ``fast``) resident by key;
+    ``seconds`` adds up what every estimate cost.
     """
 
     def __init__(self, engine: str = "cpu", device: int = 0) -> None:
         if engine not in ("cpu", "cuda"):
             raise ValueError(f"engine: 'cpu' or 'cuda', got {engine!r}")
         self.engine = engine
+        self.seconds = 0.0
         self._volumes: dict[tuple[str, bool], ScatterVolume] = {}
         self._gpu: Any = None
         if engine == "cuda":
@@ -134,7 +143,7 @@ class ScatterEstimator:
         if mode not in ("fast", "monte_carlo"):
             raise ValueError(f"scatter: estimate() needs 'fast' or 'monte_carlo', got {mode!r}")
         t0 = time.perf_counter()
-        photons = int(physics.scatter_photons or default_photons(mode, self.engine))
+        photons = photons_for(physics, self.engine)
         fast = mode == "fast"
         vol = self.volume(key, make_volume, coarse=fast)
         if tables is None:
@@ -150,7 +159,8 @@ class ScatterEstimator:
                 sigma = lowpass_sigma_bins(cnt * (photons / cnt.size))
                 sig, cnt = gaussian_lowpass(sig, sigma), gaussian_lowpass(cnt, sigma)
             out.append(ScatterImage(sig, cnt, int(cam.height), int(cam.width), t, mode, photons, 0.0))
-        per_image = (time.perf_counter() - t0) / max(1, len(cameras))
+        elapsed = time.perf_counter() - t0
+        self.seconds += elapsed
         for s in out:
-            s.seconds = per_image
+            s.seconds = elapsed / len(out)
         return out

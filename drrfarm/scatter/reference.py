@@ -155,6 +155,19 @@ def _interp_rows(rows: np.ndarray, m: np.ndarray, x: np.ndarray, step: float) ->
     return rows[m, j] * (1.0 - w) + rows[m, j + 1] * w
 
 
+def _rejection(photon: np.ndarray, draw: np.ndarray, image: int, seed: int, trial: Any) -> None:
+    """Rejection sampling, one Philox block per trial: ``trial(todo, u)`` stores its candidates for the
+    photons ``todo`` (u: (4, len(todo))) and returns which are accepted; the rest try again, up to
+    ``MAX_TRIALS`` (then the last candidate stands). ``draw`` advances in place."""
+    todo = np.arange(photon.size)
+    for _ in range(MAX_TRIALS):
+        if todo.size == 0:
+            break
+        u = uniforms(photon[todo], draw[todo], image, seed)
+        draw[todo] += 1
+        todo = todo[~trial(todo, u)]
+
+
 def sample_compton(energy_kev: np.ndarray, material: np.ndarray, photon: np.ndarray, draw: np.ndarray,
                    image: int, seed: int, tables: TransportTables) -> tuple[np.ndarray, np.ndarray]:
     """(cos θ, E'/E) of Compton events: Klein–Nishina × S(x)/Z by rejection. ``draw`` advances in place."""
@@ -165,12 +178,8 @@ def sample_compton(energy_kev: np.ndarray, material: np.ndarray, photon: np.ndar
     a2 = a1 + 0.5 * (1.0 - eps0_sq)
     cos_t = np.ones_like(energy_kev)
     ratio = np.ones_like(energy_kev)
-    todo = np.arange(energy_kev.size)
-    for _ in range(MAX_TRIALS):
-        if todo.size == 0:
-            break
-        u = uniforms(photon[todo], draw[todo], image, seed)
-        draw[todo] += 1
+
+    def trial(todo: np.ndarray, u: np.ndarray) -> np.ndarray:
         kk, e0sq = k[todo], eps0_sq[todo]
         first = u[0] * a2[todo] < a1[todo]
         eps = np.where(first, np.exp(-a1[todo] * u[1]), np.sqrt(e0sq + (1.0 - e0sq) * u[1]))
@@ -179,10 +188,11 @@ def sample_compton(energy_kev: np.ndarray, material: np.ndarray, photon: np.ndar
         kn = 1.0 - eps * sin2 / (1.0 + eps * eps)
         x = energy_kev[todo] / HC_KEV_ANGSTROM * np.sqrt(0.5 * one_minus_cos)
         s = _interp_rows(tables.compton_s, material[todo], x, tables.x_step)
-        ok = (u[2] <= kn) & (u[3] <= s)
         cos_t[todo] = 1.0 - one_minus_cos
         ratio[todo] = eps
-        todo = todo[~ok]
+        return (u[2] <= kn) & (u[3] <= s)
+
+    _rejection(photon, draw, image, seed, trial)
     return cos_t, ratio
 
 
@@ -195,12 +205,8 @@ def sample_rayleigh(energy_kev: np.ndarray, material: np.ndarray, photon: np.nda
     x_max_sq = (energy_kev / HC_KEV_ANGSTROM) ** 2
     a_max = _cdf_at(cdf, material, x_max_sq, s_grid, tables.x_step)
     cos_t = np.ones_like(energy_kev)
-    todo = np.arange(energy_kev.size)
-    for _ in range(MAX_TRIALS):
-        if todo.size == 0:
-            break
-        u = uniforms(photon[todo], draw[todo], image, seed)
-        draw[todo] += 1
+
+    def trial(todo: np.ndarray, u: np.ndarray) -> np.ndarray:
         target = u[0] * a_max[todo]
         mt = material[todo]
         j = np.empty(todo.size, dtype=np.int64)
@@ -213,9 +219,10 @@ def sample_rayleigh(energy_kev: np.ndarray, material: np.ndarray, photon: np.nda
         frac = np.where(span > 0, (target - lo) / np.where(span > 0, span, 1.0), 0.0)
         s = s_grid[j] + frac * (s_grid[j + 1] - s_grid[j])
         c = 1.0 - 2.0 * s / x_max_sq[todo]
-        ok = 2.0 * u[1] <= 1.0 + c * c
         cos_t[todo] = c
-        todo = todo[~ok]
+        return 2.0 * u[1] <= 1.0 + c * c
+
+    _rejection(photon, draw, image, seed, trial)
     return cos_t
 
 
