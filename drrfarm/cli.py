@@ -55,7 +55,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_render(args: argparse.Namespace) -> int:
-    from drrfarm.drr import DrrRequest, render_drr, write_drr
+    from drrfarm.drr import DrrRequest, output_paths, render_drr, write_drr
     from drrfarm.physics import Physics
 
     if args.kvp is not None:
@@ -72,6 +72,7 @@ def _run_render(args: argparse.Namespace) -> int:
                      spectrum=spectrum, labels=args.labels, label_table=args.label_table, size_px=args.size,
                      pixel_mm=args.pixel_mm, sdd_mm=args.sdd_mm, sid_mm=args.sid_mm,
                      orientation=args.orientation, backend=args.backend, seed=args.seed, physics=physics)
+    output_paths(args.out, npy=args.npy)
     image, sidecar = render_drr(req)
     for path in write_drr(image, sidecar, args.out, npy=args.npy):
         print(path)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 import drrfarm
-from drrfarm.errors import DrrfarmError, GeometryError
+from drrfarm.errors import DrrfarmError, GeometryError, StorageError
 from drrfarm.physics import Physics, quantize_uint16
 
 #: Default detector: DeepDRR's C-arm panel (1536 px × 0.194 mm ≈ 298 mm) sampled at 512 px.
@@ -87,13 +87,49 @@ def render_drr(req: DrrRequest) -> tuple[np.ndarray, dict[str, Any]]:
     return image, sidecar
 
 
+def output_paths(out_png: str | Path, npy: bool = False) -> list[Path]:
+    """The files :func:`write_drr` writes for ``out_png`` (PNG, JSON sidecar, optional NPY), checked before
+    any work is done: none may be a folder, and their folder must exist or be creatable, and be writable.
+
+    Raises :class:`~drrfarm.errors.StorageError` naming the path.
+    """
+    out_png = Path(out_png)
+    if out_png.name in ("", ".", ".."):
+        raise StorageError(f"output file {str(out_png)!r} is not a file name; give a .png path")
+    paths = [out_png, out_png.with_suffix(".json")] + ([out_png.with_suffix(".npy")] if npy else [])
+    if len(set(paths)) != len(paths):
+        raise StorageError(f"output file {out_png}: the image and its sidecar would share this name; give a .png path")
+    try:
+        if out_png.is_dir():
+            raise StorageError(f"output file {out_png} is a folder; give a file path such as {out_png / 'drr.png'}")
+        for path in paths[1:]:
+            if path.is_dir():
+                raise StorageError(f"output file {out_png}: {path} is a folder, so it cannot be written")
+        existing = out_png.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StorageError(f"output file {out_png}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"output file {out_png}: folder {existing} is not writable")
+    except OSError as exc:
+        raise StorageError(f"output file {out_png}: {exc.strerror or exc}") from None
+    return paths
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise StorageError(f"output file {path}: cannot write: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise StorageError(f"output file {path}: cannot write: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -103,10 +139,10 @@ def write_drr(image: np.ndarray, sidecar: dict[str, Any], out_png: str | Path, n
     """Write ``out.png`` (16-bit, ``value × image_scale`` = output), ``out.json`` and optionally ``out.npy``."""
     from drrfarm.sinks.png import encode_png16
 
-    out_png = Path(out_png)
+    written = output_paths(out_png, npy=npy)
+    out_png = written[0]
     quantised, scale = quantize_uint16(image, sidecar["physics"]["output"])
     sidecar = {**sidecar, "image_scale": scale, "image_dtype": "uint16"}
-    written = [out_png, out_png.with_suffix(".json")]
     _atomic_write(out_png, encode_png16(quantised))
     _atomic_write(written[1], json.dumps(sidecar, indent=2).encode())
     if npy:
@@ -114,6 +150,5 @@ def write_drr(image: np.ndarray, sidecar: dict[str, Any], out_png: str | Path, n
 
         buf = io.BytesIO()
         np.save(buf, image.astype(np.float32))
-        written.append(out_png.with_suffix(".npy"))
         _atomic_write(written[2], buf.getvalue())
     return written

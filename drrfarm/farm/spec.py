@@ -2,9 +2,10 @@
 
 A spec names the CT volumes, the pose distribution, the spectra and detector settings to sweep,
 the image geometry, the output location and a global seed (see ``jobs/specs/example.yaml`` for
-every key). :func:`load_spec` reads it with ``yaml.safe_load`` (duplicate keys rejected) and
-validates every key; any problem raises :class:`~drrfarm.errors.SpecError` naming the file, the
-key path (``poses.carm.alpha_deg.range[1]``) and the reason.
+every key). :func:`load_spec` reads it with a safe YAML loader (duplicate keys, anchors and aliases
+rejected; size, nesting depth and number of values capped before anything is built) and validates
+every key; any problem raises :class:`~drrfarm.errors.SpecError` with one line naming the file, the
+key path (``poses.carm.alpha_deg.range[1]``) and the reason, showing user values only in short.
 
 Content hash
 ------------
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import re
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +53,17 @@ SCATTER_MODES = ("none", "fast", "monte_carlo")
 BACKENDS = ("auto", "cpu", "cuda")
 FORMATS = ("parquet", "png")
 IMAGE_DTYPES = ("uint16", "float16", "float32")
+MAX_INFLIGHT = 64  # shards in flight per actor
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SAMPLE_RE = re.compile(r"^sample:([a-z][a-z0-9_]*)$")
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_PLAIN_KEY_RE = re.compile(r"[!-~]{1,64}")  # printable ASCII without spaces: shown as is in key paths
+
+# Limits on a spec document, checked before anything is built from it (a spec needs far less).
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_NODES = 100_000
+MAX_NUMBER_CHARS = 100  # longest number literal YAML may turn into an int or float
 
 # ----------------------------------------------------------------------------------------------
 # dataclasses
@@ -329,13 +339,23 @@ class TrackingSpec:
 @dataclass(frozen=True)
 class FarmSpec:
     """Execution settings (not part of the content hash). ``actors`` None: one per GPU, or one per
-    ``cpus_per_actor`` CPUs without GPUs."""
+    ``cpus_per_actor`` CPUs without GPUs. ``cpus_per_gpu``: CPUs a GPU actor reserves and encodes with
+    (None: its node's CPUs divided by its GPUs). ``inflight_per_actor``: shards an actor works on at once
+    (None: 2 on CPU actors -- one rendering, one being written; on GPU actors its encoder threads + 2, so
+    the GPU always has a shard queued while the others are encoded and written)."""
 
     actors: int | None = None
     cpus_per_actor: float = 1.0
     max_shard_retries: int = 3
-    inflight_per_actor: int = 2
+    inflight_per_actor: int | None = None
     max_actor_restarts: int = 3
+    cpus_per_gpu: float | None = None
+
+    def inflight(self, use_gpu: bool, encode_threads: int) -> int:
+        """Shards in flight per actor: the setting, or its default (see the class docstring)."""
+        if self.inflight_per_actor is not None:
+            return self.inflight_per_actor
+        return min(MAX_INFLIGHT, max(2, int(encode_threads) + 2)) if use_gpu else 2
 
 
 @dataclass(frozen=True)
@@ -429,10 +449,24 @@ def canonical_json(obj: Any) -> str:
 
 
 def _make_loader() -> type:
+    """A safe YAML loader (libyaml's parser where available) that rejects duplicate mapping keys and over-long
+    numbers, and reports any value it cannot build as a YAML error at that value's position."""
     import yaml
+    from yaml.constructor import ConstructorError, SafeConstructor
 
-    class _UniqueKeyLoader(yaml.SafeLoader):
-        """SafeLoader that rejects duplicate mapping keys instead of keeping the last one."""
+    class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+        """Safe loader that rejects duplicate mapping keys instead of keeping the last one."""
+
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep=deep)
+            except yaml.YAMLError:
+                raise
+            except (ArithmeticError, AttributeError, IndexError, KeyError, TypeError, ValueError):
+                kind = str(node.tag).rsplit(":", 1)[-1]
+                shown = _brief(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
+                raise ConstructorError(None, None, f"cannot read {shown} as {kind[:40]}",
+                                       node.start_mark) from None
 
     def _construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
         loader.flatten_mapping(node)
@@ -442,17 +476,82 @@ def _make_loader() -> type:
             try:
                 hash(key)
             except TypeError:
-                raise yaml.constructor.ConstructorError(
-                    None, None, "unhashable mapping key", key_node.start_mark) from None
+                raise ConstructorError(None, None, "unhashable mapping key", key_node.start_mark) from None
             if key in out:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise ConstructorError(None, None, f"duplicate key {_brief(key)}", key_node.start_mark)
             out[key] = loader.construct_object(value_node, deep=deep)
         return out
 
-    _UniqueKeyLoader.add_constructor(
-        yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    def _number_constructor(construct: Any) -> Any:
+        def _construct_number(loader: Any, node: Any) -> Any:
+            text = loader.construct_scalar(node)
+            if len(text) > MAX_NUMBER_CHARS:
+                raise ConstructorError(None, None, f"a number of {len(text)} characters is too long "
+                                                   f"(at most {MAX_NUMBER_CHARS})", node.start_mark)
+            return construct(loader, node)
+
+        return _construct_number
+
+    _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _number_constructor(SafeConstructor.construct_yaml_int))
+    _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float",
+                                     _number_constructor(SafeConstructor.construct_yaml_float))
     return _UniqueKeyLoader
+
+
+def _check_yaml_shape(text: str, loader_class: type) -> None:
+    """Reject anchors and aliases, nesting deeper than ``MAX_SPEC_DEPTH`` and more than ``MAX_SPEC_NODES`` values
+    from the parser's events alone, before any value is built (a few nested aliases expand to gigabytes)."""
+    import yaml
+    from yaml.composer import ComposerError
+
+    loader = loader_class(text)
+    depth = nodes = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed in a spec",
+                                    event.start_mark)
+            if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
+                nodes += 1
+                if nodes > MAX_SPEC_NODES:
+                    raise ComposerError(None, None, f"more than {MAX_SPEC_NODES} values; give long lists (such as "
+                                                    "pose matrices) as a file", event.start_mark)
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_SPEC_DEPTH:
+                    raise ComposerError(None, None, f"nested deeper than {MAX_SPEC_DEPTH} levels", event.start_mark)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    finally:
+        loader.dispose()
+
+
+def _parse_yaml(text: str) -> Any:
+    """One YAML document, within the limits above; every problem raises a ``yaml.YAMLError``."""
+    import yaml
+
+    loader_class = _make_loader()
+    _check_yaml_shape(text, loader_class)
+    return yaml.load(text, Loader=loader_class)  # noqa: S506 - a safe loader subclass
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """`` (line L, column C): problem`` of a YAML error, on one line and bounded."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{where}: {_one_line(problem)}"
+
+
+def _read_limited(p: Path, limit: int = MAX_SPEC_BYTES) -> str:
+    """The UTF-8 text of ``p``; ValueError (not reading further) when it is larger than ``limit`` bytes."""
+    with p.open("rb") as fh:
+        raw = fh.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"file is larger than {limit // 1024} KiB")
+    return raw.decode("utf-8")
 
 
 def load_spec(path: str | os.PathLike[str], output: str | None = None) -> SweepSpec:
@@ -461,18 +560,17 @@ def load_spec(path: str | os.PathLike[str], output: str | None = None) -> SweepS
 
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = _read_limited(p)
     except FileNotFoundError:
         raise SpecError(f"{p}: spec file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{p}: cannot read spec file: {exc}") from None
+        raise SpecError(f"{p}: cannot read spec file: {_one_line(str(exc))}") from None
+    except ValueError as exc:
+        raise SpecError(f"{p}: spec {exc}; give long lists (such as pose matrices) as a file") from None
     try:
-        data = yaml.load(text, Loader=_make_loader())  # noqa: S506 - a SafeLoader subclass
+        data = _parse_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"{p}: invalid YAML{where}: {problem}") from None
+        raise SpecError(f"{p}: invalid YAML{_yaml_problem(exc)}") from None
     return parse_spec(data, source=str(p), base_dir=p.resolve().parent, output=output)
 
 
@@ -492,6 +590,8 @@ def parse_spec(data: Any, source: str = "<dict>", base_dir: str | os.PathLike[st
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
+    if not _PLAIN_KEY_RE.fullmatch(key):
+        key = _brief(key, 40)
     return f"{path}.{key}" if path else key
 
 
@@ -502,9 +602,36 @@ def _typename(value: Any) -> str:
             dict: "mapping"}.get(type(value), type(value).__name__)
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+_BRIEF_REPR = reprlib.Repr()
+_BRIEF_REPR.maxlevel = 2
+_BRIEF_REPR.maxlist = _BRIEF_REPR.maxtuple = _BRIEF_REPR.maxdict = 6
+_BRIEF_REPR.maxset = _BRIEF_REPR.maxfrozenset = 6
+_BRIEF_REPR.maxstring = _BRIEF_REPR.maxother = 80
+_BRIEF_REPR.maxlong = 40
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """A short repr of a user value for an error message, never built from the full repr of a large value."""
+    if isinstance(value, int) and value.bit_length() > 1024:
+        return f"<integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value[:limit])
+    try:
+        text = _BRIEF_REPR.repr(value)
+    except Exception:  # a value whose repr fails still gets a message
+        text = f"<{_typename(value)}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """``text`` on one line (line breaks become spaces), cut to ``limit`` characters."""
+    flat = " ".join(text[: limit + 1].splitlines())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _key_text(key: Any) -> str:
+    """A mapping key as a key path part (non-string keys shown briefly)."""
+    return key if isinstance(key, str) else _brief(key, 40)
 
 
 def _resolve_output(url: str) -> str:
@@ -522,16 +649,16 @@ class _Validator:
 
     # -- primitives --------------------------------------------------------------------------
     def fail(self, path: str, reason: str) -> NoReturn:
-        raise SpecError(f"{self.source}: {path or '<top level>'}: {reason}")
+        raise SpecError(f"{self.source}: {_one_line(path or '<top level>', 300)}: {_one_line(reason)}")
 
     def mapping(self, value: Any, path: str, allowed: Iterable[str], required: Iterable[str] = ()
                 ) -> dict[str, Any]:
         if not isinstance(value, dict):
-            self.fail(path, f"must be a mapping, got {_typename(value)} {_show(value)}")
+            self.fail(path, f"must be a mapping, got {_typename(value)} {_brief(value)}")
         allowed = list(allowed)
         for key in value:
             if not isinstance(key, str):
-                self.fail(_join(path, str(key)), f"keys must be strings, got {_typename(key)} {key!r}")
+                self.fail(_join(path, _key_text(key)), f"keys must be strings, got {_typename(key)} {_brief(key)}")
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(allowed)})"
@@ -547,10 +674,13 @@ class _Validator:
             hint = ""
             if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
                 hint = " (YAML reads exponent numbers without a '.' as text; write e.g. 1.0e3)"
-            self.fail(path, f"must be a number, got {_typename(value)} {_show(value)}{hint}")
-        x = float(value)
+            self.fail(path, f"must be a number, got {_typename(value)} {_brief(value)}{hint}")
+        try:
+            x = float(value)
+        except OverflowError:
+            x = math.inf
         if not math.isfinite(x):
-            self.fail(path, f"must be finite, got {value}")
+            self.fail(path, f"must be finite, got {_brief(value)}")
         if lo is not None and (x < lo or (lo_open and x == lo)):
             self.fail(path, f"must be {'>' if lo_open else '>='} {lo:g}, got {value:g}")
         if hi is not None and (x > hi or (hi_open and x == hi)):
@@ -561,35 +691,35 @@ class _Validator:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(path, f"must be an integer, got {_typename(value)} {_show(value)}")
+            self.fail(path, f"must be an integer, got {_typename(value)} {_brief(value)}")
         if lo is not None and value < lo:
-            self.fail(path, f"must be >= {lo}, got {value}")
+            self.fail(path, f"must be >= {lo}, got {_brief(value)}")
         if hi is not None and value > hi:
-            self.fail(path, f"must be <= {hi}, got {value}")
+            self.fail(path, f"must be <= {hi}, got {_brief(value)}")
         return int(value)
 
     def string(self, value: Any, path: str, *, nonempty: bool = True) -> str:
         if not isinstance(value, str):
-            self.fail(path, f"must be a string, got {_typename(value)} {_show(value)}")
+            self.fail(path, f"must be a string, got {_typename(value)} {_brief(value)}")
         if nonempty and not value.strip():
             self.fail(path, "must not be empty")
         return value
 
     def boolean(self, value: Any, path: str) -> bool:
         if not isinstance(value, bool):
-            self.fail(path, f"must be true or false, got {_typename(value)} {_show(value)}")
+            self.fail(path, f"must be true or false, got {_typename(value)} {_brief(value)}")
         return value
 
     def choice(self, value: Any, path: str, choices: Iterable[str]) -> str:
         choices = tuple(choices)
         s = self.string(value, path)
         if s not in choices:
-            self.fail(path, f"must be one of {', '.join(choices)}; got {s!r}")
+            self.fail(path, f"must be one of {', '.join(choices)}; got {_brief(s)}")
         return s
 
     def seq(self, value: Any, path: str, *, min_len: int = 1, max_len: int | None = None) -> list[Any]:
         if not isinstance(value, list):
-            self.fail(path, f"must be a list, got {_typename(value)} {_show(value)}")
+            self.fail(path, f"must be a list, got {_typename(value)} {_brief(value)}")
         if len(value) < min_len:
             self.fail(path, f"must have at least {min_len} item{'s' if min_len != 1 else ''}")
         if max_len is not None and len(value) > max_len:
@@ -684,14 +814,14 @@ class _Validator:
             m = self.mapping(item, p, ["id", "path", "materials", "placement"], required=["path"])
             raw_path = self.string(m["path"], _join(p, "path"))
             if raw_path.startswith("sample:") and not _SAMPLE_RE.match(raw_path):
-                self.fail(_join(p, "path"), f"bad sample name {raw_path!r} (expected e.g. sample:chest_ct)")
+                self.fail(_join(p, "path"), f"bad sample name {_brief(raw_path)} (expected e.g. sample:chest_ct)")
             resolved, rel = self.resolve_path(raw_path)
             vid = self.string(m["id"], _join(p, "id")) if "id" in m else _default_volume_id(raw_path)
             if not _ID_RE.match(vid):
-                self.fail(_join(p, "id"), f"volume id {vid!r} must be 1-64 characters of letters, digits, "
+                self.fail(_join(p, "id"), f"volume id {_brief(vid)} must be 1-64 characters of letters, digits, "
                                            "'_', '.', '-' (starting with a letter or digit)")
             if vid in seen:
-                self.fail(_join(p, "id"), f"duplicate volume id {vid!r} (also volumes[{seen[vid]}]); "
+                self.fail(_join(p, "id"), f"duplicate volume id {_brief(vid)} (also volumes[{seen[vid]}]); "
                                            "give each volume a unique id")
             seen[vid] = i
             materials = self.materials(m.get("materials", {}), _join(p, "materials"))
@@ -726,7 +856,7 @@ class _Validator:
                 self.fail(tpath, "must map at least one label to a material")
             rows: list[tuple[int, str]] = []
             for key, mat in t.items():
-                kp = _join(tpath, str(key))
+                kp = _join(tpath, _key_text(key))
                 if isinstance(key, str) and re.fullmatch(r"-?\d+", key.strip()):
                     key = int(key)
                 label = self.integer(key, kp, lo=0)
@@ -785,6 +915,8 @@ class _Validator:
             b = self.number(pair[1], _join(rp, 1), **kw)
             if b < a:
                 self.fail(_join(rp, 1), f"range end {b:g} is below its start {a:g}")
+            if not math.isfinite(b - a):
+                self.fail(rp, f"range [{a:g}, {b:g}] is too wide")
             if ("num" in m) == ("step" in m):
                 self.fail(path, "a range needs exactly one of num or step")
             if "num" in m:
@@ -809,6 +941,8 @@ class _Validator:
             b = self.number(pair[1], _join(up, 1), **kw)
             if b <= a:
                 self.fail(_join(up, 1), f"upper bound {b:g} must exceed lower bound {a:g}")
+            if not math.isfinite(b - a):
+                self.fail(up, f"range [{a:g}, {b:g}] is too wide")
             return AxisSpec("uniform", low=a, high=b)
         np_ = _join(path, "normal")
         nm = self.mapping(m["normal"], np_, ["mean", "std", "clip"], required=["mean", "std"])
@@ -898,12 +1032,14 @@ class _Validator:
         for i, item in enumerate(items):
             ip = _join(mp, i)
             flat = self.matrix(item, ip, 3, 4)
-            # M = P[:, :3] must be invertible for a pinhole camera
-            a = flat
+            # M = P[:, :3] must be invertible for a pinhole camera (determinant of M scaled to entries <= 1,
+            # so that huge entries cannot overflow)
+            scale = max(abs(x) for x in (flat[0], flat[1], flat[2], flat[4], flat[5], flat[6], flat[8], flat[9],
+                                         flat[10])) or 1.0
+            a = [x / scale for x in flat]
             det = (a[0] * (a[5] * a[10] - a[6] * a[9]) - a[1] * (a[4] * a[10] - a[6] * a[8])
                    + a[2] * (a[4] * a[9] - a[5] * a[8]))
-            scale = max(abs(x) for x in (a[0], a[1], a[2], a[4], a[5], a[6], a[8], a[9], a[10])) or 1.0
-            if abs(det) <= 1e-12 * scale**3:
+            if abs(det) <= 1e-12:
                 self.fail(ip, "the left 3x3 block of P is singular; not a pinhole projection")
             mats.append(tuple(flat))
         return ExplicitPoses(matrices=tuple(mats), source=source)
@@ -970,7 +1106,7 @@ class _Validator:
         csi = self.number(m.get("csi_thickness_mm", d.csi_thickness_mm), _join(path, "csi_thickness_mm"),
                           lo=0.0, lo_open=True, hi=100.0)
         if "csi_thickness_mm" in m and model != "csi":
-            self.fail(_join(path, "csi_thickness_mm"), f"only used with model: csi (model is {model!r})")
+            self.fail(_join(path, "csi_thickness_mm"), f"only used with model: csi (model is {_brief(model)})")
         if noise > 0 and all(p is None for p in photons):
             self.fail(_join(path, "electronic_noise"), "electronic noise needs a photon count (photons)")
         return DetectorSpec(model=model, output=output, photons=tuple(photons), electronic_noise=noise,
@@ -1034,7 +1170,7 @@ class _Validator:
 
     def farm(self, value: Any, path: str) -> FarmSpec:
         m = self.mapping(value, path, ["actors", "cpus_per_actor", "max_shard_retries", "inflight_per_actor",
-                                       "max_actor_restarts"])
+                                       "max_actor_restarts", "cpus_per_gpu"])
         d = FarmSpec()
         actors = m.get("actors")
         actors = self.integer(actors, _join(path, "actors"), lo=1, hi=100_000) if actors is not None else None
@@ -1042,12 +1178,16 @@ class _Validator:
                            lo_open=True, hi=1024)
         retries = self.integer(m.get("max_shard_retries", d.max_shard_retries), _join(path, "max_shard_retries"),
                                lo=0, hi=100)
-        inflight = self.integer(m.get("inflight_per_actor", d.inflight_per_actor),
-                                _join(path, "inflight_per_actor"), lo=1, hi=16)
+        inflight = m.get("inflight_per_actor")
+        if inflight is not None:
+            inflight = self.integer(inflight, _join(path, "inflight_per_actor"), lo=1, hi=MAX_INFLIGHT)
         restarts = self.integer(m.get("max_actor_restarts", d.max_actor_restarts),
                                 _join(path, "max_actor_restarts"), lo=-1, hi=1000)
+        per_gpu = m.get("cpus_per_gpu")
+        if per_gpu is not None:
+            per_gpu = self.number(per_gpu, _join(path, "cpus_per_gpu"), lo=0.0, lo_open=True, hi=1024)
         return FarmSpec(actors=actors, cpus_per_actor=cpus, max_shard_retries=retries,
-                        inflight_per_actor=inflight, max_actor_restarts=restarts)
+                        inflight_per_actor=inflight, max_actor_restarts=restarts, cpus_per_gpu=per_gpu)
 
 
 def _axis_min(a: AxisSpec) -> float | None:
@@ -1106,13 +1246,15 @@ def _load_matrix_file(path: str, fail: Any) -> Any:
         if suffix == ".json":
             return json.loads(p.read_text(encoding="utf-8"))
         if suffix in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(p.read_text(encoding="utf-8"))
+            return _parse_yaml(_read_limited(p))
     except SpecError:
         raise
     except (OSError, ValueError) as exc:
         fail(f"cannot read {p.name}: {exc}")
     except Exception as exc:  # yaml errors
+        import yaml
+
+        if isinstance(exc, yaml.YAMLError):
+            fail(f"cannot read {p.name}: invalid YAML{_yaml_problem(exc)}")
         fail(f"cannot read {p.name}: {exc}")
-    fail(f"unsupported matrix file type {suffix!r} (use .npy, .json or .yaml)")
+    fail(f"unsupported matrix file type {_brief(suffix)} (use .npy, .json or .yaml)")
