@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from drrfarm.errors import StorageError
+from drrfarm.sinks.parquet import IMAGE_CODEC_COLUMN
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
@@ -367,10 +368,12 @@ def decode_pixel_column(table: Any, name: str) -> np.ndarray:
     return decode(name, values(name), values("mask_count"), values("height"), values("width"))
 
 
-def read_columns(columns: Sequence[str]) -> list[str]:
-    """The Parquet columns to read for ``columns`` (the image, its decode columns, pixel dependencies)."""
+def read_columns(columns: Sequence[str], schema_names: Sequence[str] = ()) -> list[str]:
+    """The Parquet columns to read for ``columns`` (the image, its decode columns, pixel dependencies);
+    ``schema_names``: the file's columns, to add ``image_codec`` where the shards have it."""
     deps = PIXEL_DEPENDS if any(c in PIXEL_COLUMNS for c in columns) else ()
-    return list(dict.fromkeys([IMAGE, *DECODE_COLUMNS, *deps, *columns]))
+    codec = [IMAGE_CODEC_COLUMN] if IMAGE_CODEC_COLUMN in schema_names else []
+    return list(dict.fromkeys([IMAGE, *DECODE_COLUMNS, *codec, *deps, *columns]))
 
 
 class _RayDecoder:
@@ -489,7 +492,7 @@ def _read_drrs(
         ds = ds.filter(expr=_ray_expression(d))
     for e in ray_exprs:
         ds = ds.filter(expr=e)
-    read_cols = read_columns(out_columns)
+    read_cols = read_columns(out_columns, schema.names)
     arrow_filter = None
     for e in arrow_exprs:
         arrow_filter = e if arrow_filter is None else arrow_filter & e
@@ -710,7 +713,8 @@ class _DrrIndex:
                 self._cache.move_to_end(key)
                 return tab
         with self.store.open_read(self._keys[g.file]) as fh:
-            tab = pq.ParquetFile(fh).read_row_group(g.row_group, columns=read_columns(self.pixel_columns))
+            pf = pq.ParquetFile(fh)
+            tab = pf.read_row_group(g.row_group, columns=read_columns(self.pixel_columns, pf.schema_arrow.names))
         with self._lock:
             self._cache[key] = tab
             while len(self._cache) > self.cache_row_groups:

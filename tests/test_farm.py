@@ -196,13 +196,13 @@ def test_worker_renders_what_the_backend_renders(phantoms: Path, tmp_path: Path)
 
 
 def test_worker_recovers_from_a_failed_write(phantoms: Path, tmp_path: Path) -> None:
-    """A storage failure fails that shard only; the next shard is written by a fresh writer."""
+    """A storage failure fails that shard only; the next shards (and the retry) are committed."""
     from drrfarm.farm.worker import RenderWorker
 
     spec = load_spec(write_spec(tmp_path / "s.yaml", base_spec(phantoms, tmp_path / "out")))
     plan = make_plan(spec)
     w = RenderWorker(spec, backend="cpu")
-    real = w.sink.write_shard
+    real = w.sink.commit
     calls = {"n": 0}
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -211,7 +211,7 @@ def test_worker_recovers_from_a_failed_write(phantoms: Path, tmp_path: Path) -> 
             raise StorageError("simulated outage")
         return real(*args, **kwargs)
 
-    w.sink.write_shard = flaky  # type: ignore[method-assign]
+    w.sink.commit = flaky  # type: ignore[method-assign]
     with pytest.raises(StorageError, match="simulated outage"):
         w.render_shard(plan.task(0))
     assert w.render_shard(plan.task(1))["shard_id"] == plan.shards[1].shard_id

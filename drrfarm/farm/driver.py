@@ -20,8 +20,9 @@ failed call (bounded by ``farm.max_shard_retries`` per shard). After an actor er
 probes the actor (a ``ping`` that waits for the restart); if it is dead for good it is replaced
 with a fresh one (bounded). Application errors that cannot succeed on retry (bad volume file,
 unknown material, impossible geometry) fail their shard at once. In-flight work is bounded to
-``farm.inflight_per_actor`` shards per actor (default 2: one rendering, one being written), so
-memory stays flat however long the sweep.
+``farm.inflight_per_actor`` shards per actor (default 2 on CPU actors: one rendering, one being
+written; on GPU actors the actor's encoder threads + 2, so the GPU has a shard queued while the others
+are encoded and written), so memory stays flat however long the sweep.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class SweepSummary:
     render_seconds: float = 0.0  # from the first shard dispatched to the last result
     images_per_s: float = 0.0
     scatter_seconds: float = 0.0  # summed over the actors: what the scatter estimate cost
+    shard_seconds: dict[str, float] = field(default_factory=dict)  # mean per shard: render, copy, encode, write
+    bytes_written: int = 0
+    inflight_per_actor: int = 0
+    encode_threads: int = 0
     complete: bool = False
     rendered_shards: list[str] = field(default_factory=list)
     per_actor: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -110,6 +115,12 @@ class SweepSummary:
         if self.images_rendered:
             lines.append(f"  throughput {self.images_per_s:.2f} images/s on {self.actors} {self.backend} actor(s); "
                          f"{_fmt_duration(self.seconds)} total")
+        if self.shard_seconds:
+            t = self.shard_seconds
+            lines.append(f"  per shard render {t.get('render_s', 0):.3f} s, copy {t.get('copy_s', 0):.3f} s, encode "
+                         f"{t.get('encode_s', 0):.3f} s, write {t.get('write_s', 0):.3f} s ({self.inflight_per_actor} "
+                         f"in flight per actor, {self.encode_threads} encoder threads); "
+                         f"{format_bytes(self.bytes_written)} written")
         if self.scatter_seconds > 0:
             lines.append(f"  scatter {self.scatter_seconds:.1f} s of actor time "
                          f"({self.scatter_seconds / max(1, self.images_rendered) * 1e3:.1f} ms per image)")
@@ -297,6 +308,15 @@ def connect_ray(address: str | None, runtime_env: dict[str, Any] | None = None) 
     return False
 
 
+def cpus_per_gpu_of_cluster() -> float:
+    """CPUs per GPU of the cluster's GPU nodes (the smallest ratio, whole CPUs, at least 1)."""
+    import ray
+
+    ratios = [float(n["Resources"].get("CPU", 0.0)) / float(n["Resources"]["GPU"]) for n in ray.nodes()
+              if n.get("Alive") and float(n.get("Resources", {}).get("GPU", 0.0)) > 0]
+    return float(max(1, math.floor(min(ratios)))) if ratios else 1.0
+
+
 def _cluster_resources() -> dict[str, float]:
     import ray
 
@@ -320,7 +340,9 @@ class _Slot:
         self.errors = 0
         self.images = 0
         self.shards = 0
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # from its first shard dispatched to its last result
+        self.t_first: float | None = None
+        self.t_last: float | None = None
         self.info: dict[str, Any] = {}
         self.generation = 0
         self.bytes_resident: int | None = None
@@ -357,6 +379,11 @@ class _Farm:
         self.images_rendered = 0
         self.volume_infos: dict[int, dict[str, Any]] = {}
         self.slots: list[_Slot] = []
+        self.cpus_per_gpu = (self.farm.cpus_per_gpu or cpus_per_gpu_of_cluster()) if use_gpu else None
+        self.encode_threads = max(1, int(self.cpus_per_gpu if use_gpu else self.farm.cpus_per_actor))
+        self.inflight = self.farm.inflight(use_gpu, self.encode_threads)
+        self.shard_seconds: dict[str, float] = {}  # summed over shards: render, copy, encode, write
+        self.bytes_written = 0
         self.t_first: float | None = None
         self.t_last: float | None = None
         self._last_metrics = 0.0
@@ -366,13 +393,18 @@ class _Farm:
     def _new_actor(self) -> Any:
         from drrfarm.farm.worker import actor_options, render_actor_class
 
-        opts = actor_options(self.use_gpu, self.farm.cpus_per_actor, self.farm.max_actor_restarts,
-                             self.farm.inflight_per_actor, self.runtime_env)
+        cpus = self.cpus_per_gpu if self.use_gpu else self.farm.cpus_per_actor
+        opts = actor_options(self.use_gpu, cpus, self.farm.max_actor_restarts, self.inflight + 1, self.runtime_env)
         backend_options: dict[str, Any] = {}
         if self.backend == "cpu":
             backend_options["threads"] = max(1, int(self.farm.cpus_per_actor))
         return render_actor_class().options(**opts).remote(
-            self.spec, self.run_id, self.backend, self.farm.inflight_per_actor, 2, backend_options)
+            self.spec, self.run_id, self.backend, self.inflight, 2, backend_options, True, self.encode_threads)
+
+    def _first_volumes(self) -> list[int]:
+        """The volume each new actor loads before the clock starts: round robin over the volumes with work."""
+        vols = [v for v, q in self.queues.items() if q]
+        return [vols[i % len(vols)] for i in range(len(self.slots))] if vols else [None] * len(self.slots)
 
     def start_actors(self, startup_timeout_s: float = 600.0, straggler_s: float = 60.0) -> None:
         """Create the actors and wait until they are up: all of them, or at least one plus ``straggler_s``
@@ -380,7 +412,11 @@ class _Farm:
         import ray
 
         self.slots = [_Slot(i, self._new_actor()) for i in range(self.num_actors)]
-        pings = {s.handle.info.remote(): s for s in self.slots}
+        pings = {}
+        for s, v in zip(self.slots, self._first_volumes(), strict=True):
+            pings[s.handle.start.remote([] if v is None else [v])] = s
+            if v is not None:
+                s.volumes.add(v)
         deadline = time.monotonic() + startup_timeout_s
         pending = list(pings)
         ok = 0
@@ -431,13 +467,15 @@ class _Farm:
         for slot in self.slots:
             if slot.state != "ok":
                 continue
-            while len(slot.inflight) < self.farm.inflight_per_actor:
+            while len(slot.inflight) < self.inflight:
                 i = self._pick(slot)
                 if i is None:
                     return
                 attempt = self.attempts.get(i, 0)
                 ref = slot.handle.render_shard.remote(self.plan.task(i, attempt=attempt))
                 slot.inflight[ref] = i
+                if slot.t_first is None:
+                    slot.t_first = time.perf_counter()
                 if self.t_first is None:
                     self.t_first = time.perf_counter()
                     self.progress.t_first = time.perf_counter()
@@ -505,8 +543,12 @@ class _Farm:
         self.images_rendered += n
         slot.images += n
         slot.shards += 1
-        slot.busy_s += float(stats.get("render_s", 0.0)) + float(stats.get("write_s", 0.0))
+        slot.t_last = time.perf_counter()
+        slot.busy_s = slot.t_last - (slot.t_first or slot.t_last)
         self.scatter_s += float(stats.get("scatter_s", 0.0))
+        for key in ("render_s", "copy_s", "encode_s", "write_s", "seconds"):
+            self.shard_seconds[key] = self.shard_seconds.get(key, 0.0) + float(stats.get(key, 0.0))
+        self.bytes_written += int(stats.get("bytes", 0))
         slot.volumes = set(stats.get("resident_volumes", [])) | {self.plan.shards[j].volume_index
                                                                  for j in slot.inflight.values()}
         slot.info = {k: stats.get(k) for k in ("actor_id", "node_id", "host", "pid", "gpu_ids",
@@ -793,6 +835,11 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
             summary.rendered_shards = sorted(farm.done)
             summary.images_rendered = farm.images_rendered
             summary.scatter_seconds = farm.scatter_s
+            n_done = max(1, len(farm.done))
+            summary.shard_seconds = {k: v / n_done for k, v in farm.shard_seconds.items()}
+            summary.bytes_written = farm.bytes_written
+            summary.inflight_per_actor = farm.inflight
+            summary.encode_threads = farm.encode_threads
             if farm.t_first is not None and farm.t_last is not None:
                 summary.render_seconds = farm.t_last - farm.t_first
             summary.per_actor = {

@@ -1,33 +1,51 @@
 """Render actors: one per GPU (or per ``cpus_per_actor`` CPUs), each rendering whole shards.
 
 :class:`RenderWorker` is a plain class (usable and testable without Ray); :func:`render_actor_class`
-wraps it with ``ray.remote`` and :func:`actor_options` picks its resources: ``num_gpus=1`` with the
-CUDA backend (Ray pins the actor to its GPU through ``CUDA_VISIBLE_DEVICES``), else ``num_cpus``
-with the CPU backend. The actor runs as a threaded actor with ``max_concurrency`` = the driver's
-in-flight bound: a lock serialises rendering, while the previous shard is encoded and committed by
-the sinks' :class:`AsyncShardWriter` in its own thread — so the device keeps rendering while the
-last shard is written, and :meth:`RenderWorker.render_shard` returns only once its shard is
-committed (the manifest entry exists).
+wraps it with ``ray.remote`` and :func:`actor_options` picks its resources: ``num_gpus=1`` and the
+node's CPUs per GPU with the CUDA backend (Ray pins the actor to its GPU through
+``CUDA_VISIBLE_DEVICES``), else ``num_cpus`` with the CPU backend.
+
+A shard's journey through an actor (a threaded actor: ``concurrency`` shards at once, each on its own
+thread, so one renders while the others are encoded and written):
+
+1. cameras, rows and tables on the host;
+2. render. CUDA backend: the batch is enqueued (``render_async``) into a slot of the actor's
+   :class:`~drrfarm.render.cuda.ImageRing` -- reusable GPU + page-locked buffers, quantised to the
+   stored dtype on the GPU (uint16: bit for bit what the CPU quantiser makes of the float render), so
+   half the bytes cross the bus and nothing is allocated per shard -- and the thread waits on the
+   batch's event while other threads enqueue the next shards: the GPU always has work queued. CPU
+   backend (and shards with tools): ``Backend.render`` under a lock, float32;
+3. encode (:meth:`~drrfarm.sinks.ShardSink.prepare`: each image coded on the actor's encoder pool --
+   Parquet ``zstd-delta`` cells or PNGs; numpy, zstd and zlib release the GIL, so a shard is coded on
+   the cores the actor reserved);
+   the ring slot is released as soon as the bytes are encoded;
+4. commit (:meth:`~drrfarm.sinks.ShardSink.commit`): files, then the manifest entry. ``render_shard``
+   returns once the shard is committed, with where its time went (``render_s``, ``copy_s``,
+   ``encode_s``, ``write_s``).
 
 Volumes stay resident: the first shard of a volume loads the CT, segments it and ``prepare``\\ s it
-on the backend; later shards of that volume reuse the handle. Each result lists the volumes the
-actor holds so the driver can route shards to actors that already have their volume.
+on the backend (or :meth:`RenderWorker.start` does, before the sweep's clock starts); later shards of
+that volume reuse the handle. Each result lists the volumes the actor holds so the driver can route
+shards to actors that already have their volume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 import drrfarm
-from drrfarm.errors import BackendError, DrrfarmError
+from drrfarm.errors import BackendError, DrrfarmError, StorageError
 from drrfarm.farm.plan import Pose, ShardTask
 from drrfarm.farm.spec import SpectrumItem, SweepSpec, VolumeSpec
 
@@ -89,7 +107,7 @@ def scatter_options(spec: SweepSpec) -> dict[str, Any]:
 
 def camera_for(spec: SweepSpec, pose: Pose) -> Any:
     """The :class:`drrfarm.geometry.Camera` of one pose (image size/pixel from ``spec.image``)."""
-    from drrfarm.geometry import Camera, CArm
+    from drrfarm.geometry import Camera
 
     img = spec.image
     if pose.kind == "explicit":
@@ -97,9 +115,17 @@ def camera_for(spec: SweepSpec, pose: Pose) -> Any:
         return Camera.from_projection(P, img.height, img.width, img.pixel_mm)
     carm = spec.poses.carm
     enforce = carm.enforce_limits if carm is not None else True
-    arm = CArm(sdd_mm=pose.sdd_mm or 1020.0, sid_mm=pose.sid_mm or 530.0, height=img.height, width=img.width,
-               pixel_mm=img.pixel_mm, enforce_limits=enforce)
+    arm = _carm(pose.sdd_mm or 1020.0, pose.sid_mm or 530.0, img.height, img.width, img.pixel_mm, enforce)
     return arm.camera(pose.alpha_deg, pose.beta_deg, pose.gamma_deg, pose.isocentre_world_mm)
+
+
+@functools.lru_cache(maxsize=256)
+def _carm(sdd_mm: float, sid_mm: float, height: int, width: int, pixel_mm: float, enforce_limits: bool) -> Any:
+    """The (immutable, validated) C-arm of a pose's distances and the image geometry, built once."""
+    from drrfarm.geometry import CArm
+
+    return CArm(sdd_mm=sdd_mm, sid_mm=sid_mm, height=height, width=width, pixel_mm=pixel_mm,
+                enforce_limits=enforce_limits)
 
 
 def load_material_volume(vspec: VolumeSpec) -> tuple[Any, Any, np.ndarray]:
@@ -132,23 +158,53 @@ def _flat(a: Any) -> list[float]:
     return [float(x) for x in np.asarray(a, dtype=np.float64).ravel()]
 
 
+def camera_columns(cam: Any) -> dict[str, Any]:
+    """The camera's columns of an image row: size, pixel pitch, K, R, t, P and source (flat, row-major)."""
+    return {"height": int(cam.height), "width": int(cam.width), "pixel_mm": float(cam.pixel_mm),
+            "K": _flat(cam.K), "R": _flat(cam.R), "t": _flat(cam.t), "P": _flat(cam.P),
+            "source_world_mm": _flat(cam.source_world_mm), "sdd_mm": float(cam.sdd_mm)}
+
+
+class CameraCache:
+    """Cameras (and their row columns) of a sweep's poses, by pose index: every spectrum and photon
+    setting of a pose renders the same camera, so each is built and validated once (bounded, FIFO)."""
+
+    def __init__(self, spec: SweepSpec, max_entries: int = 50_000) -> None:
+        self.spec = spec
+        self.max_entries = max_entries
+        self._entries: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, pose: Pose) -> tuple[Any, dict[str, Any]]:
+        """``(Camera, camera_columns)`` of ``pose``."""
+        hit = self._entries.get(pose.index)
+        if hit is not None:
+            return hit
+        cam = camera_for(self.spec, pose)
+        entry = (cam, camera_columns(cam))
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[pose.index] = entry
+        return entry
+
+
 def image_rows(spec: SweepSpec, task: ShardTask, cameras: list[Any], spectrum: Any, photons: float | None,
-               volume_id: str, volume_sha256: str) -> list[dict[str, Any]]:
-    """Per-image metadata rows (the columns every shard carries, see the sinks contract)."""
+               volume_id: str, volume_sha256: str, columns: list[dict[str, Any]] | None = None
+               ) -> list[dict[str, Any]]:
+    """Per-image metadata rows (the columns every shard carries, see the sinks contract); ``columns``:
+    the cameras' :func:`camera_columns`, if already known."""
     rows = []
-    for pose, cam, idx, seed in zip(task.poses, cameras, task.image_indices, task.seeds, strict=True):
+    columns = columns or [camera_columns(c) for c in cameras]
+    for pose, cols, idx, seed in zip(task.poses, columns, task.image_indices, task.seeds, strict=True):
         carm = pose.kind == "carm"
         rows.append({
             "image_index": int(idx), "seed": int(seed), "shard_id": task.shard_id, "sweep_id": task.sweep_id,
-            "volume_id": volume_id, "volume_sha256": volume_sha256,
-            "height": int(cam.height), "width": int(cam.width), "pixel_mm": float(cam.pixel_mm),
-            "K": _flat(cam.K), "R": _flat(cam.R), "t": _flat(cam.t), "P": _flat(cam.P),
-            "source_world_mm": _flat(cam.source_world_mm),
+            "volume_id": volume_id, "volume_sha256": volume_sha256, **cols,
             "alpha_deg": float(pose.alpha_deg) if carm else None,
             "beta_deg": float(pose.beta_deg) if carm else None,
             "gamma_deg": float(pose.gamma_deg) if carm else None,
             "isocentre_world_mm": list(pose.isocentre_world_mm) if carm else None,
-            "sdd_mm": float(cam.sdd_mm),
             "kvp": float(spectrum.kvp) if spectrum.kvp is not None else None,
             "al_mm": float(spectrum.al_mm or 0.0), "cu_mm": float(spectrum.cu_mm or 0.0),
             "spectrum_name": str(spectrum.name), "mean_energy_kev": float(spectrum.mean_energy_kev),
@@ -169,19 +225,47 @@ class _Resident:
         self.scene = scene  # drrfarm.farm.scene.VolumeScene, or None without tools/labels/landmarks
 
 
+@dataclass
+class RenderedShard:
+    """A shard's images on the host, ready to encode: ``images`` (B, H, W) in the stored dtype (uint16
+    with ``image_scale``) or float32; ``release`` gives their buffer back once they are encoded."""
+
+    images: np.ndarray
+    rows: list[dict[str, Any]]
+    info: dict[str, Any]
+    image_scale: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    release: Any = None
+
+    def done(self) -> None:
+        if self.release is not None:
+            release, self.release = self.release, None
+            release()
+
+
+def default_encode_threads() -> int:
+    """Encoder threads of a worker: the CPUs this process may use (Ray sets the affinity of none, so all)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 class RenderWorker:
     """Renders whole shards of one sweep and commits them through the sinks.
 
     ``spec``: the sweep (its ``output`` says where shards go); ``run_id``: provenance run id written
-    into each shard's file metadata; ``backend``: "cpu" | "cuda" | "auto"; ``write_pending``: bound of
-    the writer's queue; ``max_volumes``: volumes kept resident (LRU); ``warm_up``: start the backend and
-    build the spectra in the constructor (so the first shard is not slower than the others).
+    into each shard's file metadata; ``backend``: "cpu" | "cuda" | "auto"; ``concurrency``: shards this
+    worker works on at once (the driver's in-flight bound; on the CUDA backend also the number of
+    reusable image buffers); ``max_volumes``: volumes kept resident (LRU); ``warm_up``: start the
+    backend and build the spectra in the constructor (so the first shard is not slower than the
+    others); ``encode_threads``: threads that code a shard's images (default: this process's CPUs).
     """
 
     def __init__(self, spec: SweepSpec, run_id: str | None = None, backend: str = "cpu",
-                 write_pending: int = 2, max_volumes: int = 2, backend_options: dict[str, Any] | None = None,
-                 warm_up: bool = True) -> None:
-        from drrfarm.sinks import AsyncShardWriter, ShardSink
+                 concurrency: int = 2, max_volumes: int = 2, backend_options: dict[str, Any] | None = None,
+                 warm_up: bool = True, encode_threads: int | None = None) -> None:
+        from drrfarm.sinks import ShardSink
 
         self.spec = spec
         self.run_id = run_id
@@ -191,15 +275,20 @@ class RenderWorker:
         self.max_volumes = max(1, int(max_volumes))
         self._volumes: OrderedDict[int, _Resident] = OrderedDict()
         self._spectra: dict[int, Any] = {}
+        self._cameras = CameraCache(spec)
         self._render_lock = threading.Lock()
         self._state_lock = threading.Lock()
+        self._volume_lock = threading.Lock()
         self.sink = ShardSink(spec.output.url, formats=spec.output.formats, image_dtype=spec.output.image_dtype)
-        self._write_pending = max(1, int(write_pending))
-        self._writer_cls = AsyncShardWriter
-        self.writer = AsyncShardWriter(self.sink, max_pending=self._write_pending)
+        self.concurrency = max(1, int(concurrency))
+        self.encode_threads = max(1, int(encode_threads or default_encode_threads()))
+        self._encoder = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="drrfarm-encode") \
+            if self.encode_threads > 1 else None
+        self._ring: Any = None  # ImageRing of the CUDA backend, made with the backend
         self.shards_done = 0
         self.images_done = 0
         self.started = time.time()
+        self._static_info: dict[str, Any] | None = None
         self.file_metadata = {"spec_sha256": spec.sha256, "drrfarm_version": drrfarm.__version__,
                               "mlflow_run_id": run_id or "", "sweep_id": spec.sweep_id}
         if warm_up:
@@ -212,18 +301,55 @@ class RenderWorker:
             self.spectrum(i)
         with contextlib.suppress(ImportError):
             import pyarrow.parquet  # noqa: F401
+
+            from drrfarm.sinks.parquet import encode_parquet
+
+            # one-off set-up of zstd, the Parquet writer and pyarrow's conversions (which import pandas)
+            encode_parquet(np.zeros((2, 2, 2), np.uint16), [{"image_index": 0}, {"image_index": 1}], {})
         if "png" in self.spec.output.formats:
             with contextlib.suppress(ImportError):
                 import PIL.PngImagePlugin  # noqa: F401
 
+    def start(self, volume_indices: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+        """Make ``volume_indices`` resident and allocate the image buffers (the driver calls this before the
+        sweep's clock starts); returns :meth:`info`. A volume that fails to load is left to its shards,
+        which report the error."""
+        errors = {}
+        if self._ring is not None:
+            img = self.spec.image
+            self._ring.reserve((self.spec.output.shard_size, img.height, img.width), self._device_dtype())
+        for v in volume_indices:
+            try:
+                self._resident(int(v))
+            except Exception as exc:  # noqa: BLE001 - the shards of this volume fail with the same error
+                errors[int(v)] = f"{type(exc).__name__}: {exc}"[:300]
+        info = self.info()
+        if errors:
+            info["preload_errors"] = errors
+        return info
+
     # -- identity / health ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Where this worker runs: host, pid, Ray actor/node ids, GPUs, backend, resident volumes."""
+        d = dict(self._identity())
+        d.update({"backend": self._backend.name if self._backend is not None else self.backend_name,
+                  "resident_volumes": self.resident_volumes(), "shards_done": self.shards_done,
+                  "images_done": self.images_done})
+        if self._backend is not None and hasattr(self._backend, "cache_stats"):
+            d["backend_cache"] = dict(self._backend.cache_stats())
+        if d["backend"] == "cuda" and "gpu_name" not in d:
+            d["gpu_name"] = _gpu_name()
+            if self._static_info is not None:
+                self._static_info["gpu_name"] = d["gpu_name"]
+        return d
+
+    def _identity(self) -> dict[str, Any]:
+        """What does not change while this process lives (asked of Ray once)."""
+        if self._static_info is not None:
+            return self._static_info
         d: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
                              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                             "backend": self._backend.name if self._backend is not None else self.backend_name,
-                             "resident_volumes": self.resident_volumes(), "shards_done": self.shards_done,
-                             "images_done": self.images_done, "actor_id": None, "node_id": None, "gpu_ids": []}
+                             "actor_id": None, "node_id": None, "gpu_ids": [], "encode_threads": self.encode_threads}
         try:
             import ray
 
@@ -234,10 +360,7 @@ class RenderWorker:
                 d["gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
         except Exception:  # noqa: BLE001 - info is best effort
             pass
-        if self._backend is not None and hasattr(self._backend, "cache_stats"):
-            d["backend_cache"] = dict(self._backend.cache_stats())
-        if d["backend"] == "cuda":
-            d["gpu_name"] = _gpu_name()
+        self._static_info = d
         return d
 
     def ping(self) -> bool:
@@ -253,11 +376,14 @@ class RenderWorker:
             from drrfarm.render import get_backend
 
             try:
-                self._backend = get_backend(self.backend_name, **self._backend_options)
+                backend = get_backend(self.backend_name, **self._backend_options)
             except DrrfarmError:
                 raise
             except Exception as exc:  # noqa: BLE001
                 raise BackendError(f"backend {self.backend_name!r} failed to start: {exc}") from exc
+            if hasattr(backend, "image_ring"):
+                self._ring = backend.image_ring(self.concurrency)
+            self._backend = backend
         return self._backend
 
     def volume(self, index: int) -> tuple[Any, dict[str, Any], bool]:
@@ -275,26 +401,32 @@ class RenderWorker:
             if res is not None:
                 self._volumes.move_to_end(index)
                 return res, False
-        vspec = self.spec.volumes[index]
-        t0 = time.perf_counter()
-        volume, mv, wfp = load_material_volume(vspec)
-        handle = self.backend().prepare(mv, wfp)
-        info = {"volume_index": index, "volume_id": vspec.id, "uri": vspec.path, "resolved": volume.source,
-                "sha256": volume.sha256, "shape": [int(s) for s in volume.hu.shape],
-                "spacing_mm": [float(s) for s in volume.spacing_mm],
-                "materials": list(mv.material_names), "load_s": time.perf_counter() - t0}
-        del volume, mv
-        scene = None
-        if self.spec.tools or self.spec.has_annotations:
-            from drrfarm.farm.scene import VolumeScene
+        with self._volume_lock:  # one load at a time: concurrent shards of a new volume load it once
+            with self._state_lock:
+                res = self._volumes.get(index)
+                if res is not None:
+                    self._volumes.move_to_end(index)
+                    return res, False
+            vspec = self.spec.volumes[index]
+            t0 = time.perf_counter()
+            volume, mv, wfp = load_material_volume(vspec)
+            handle = self.backend().prepare(mv, wfp)
+            info = {"volume_index": index, "volume_id": vspec.id, "uri": vspec.path, "resolved": volume.source,
+                    "sha256": volume.sha256, "shape": [int(s) for s in volume.hu.shape],
+                    "spacing_mm": [float(s) for s in volume.spacing_mm],
+                    "materials": list(mv.material_names), "load_s": time.perf_counter() - t0}
+            del volume, mv
+            scene = None
+            if self.spec.tools or self.spec.has_annotations:
+                from drrfarm.farm.scene import VolumeScene
 
-            scene = VolumeScene(self.spec, index, wfp, resolve_input)
-        res = _Resident(handle, info, scene)
-        with self._state_lock:
-            self._volumes[index] = res
-            while len(self._volumes) > self.max_volumes:
-                self._volumes.popitem(last=False)
-        return res, True
+                scene = VolumeScene(self.spec, index, wfp, resolve_input)
+            res = _Resident(handle, info, scene)
+            with self._state_lock:
+                self._volumes[index] = res
+                while len(self._volumes) > self.max_volumes:
+                    self._volumes.popitem(last=False)
+            return res, True
 
     def spectrum(self, index: int) -> Any:
         s = self._spectra.get(index)
@@ -305,92 +437,131 @@ class RenderWorker:
             self._spectra[index] = s
         return s
 
+    def _device_dtype(self) -> str:
+        """The dtype the GPU writes: the stored one, except float32 where PNGs are quantised from it."""
+        stored = self.spec.output.image_dtype
+        if stored == "uint16" or (stored == "float16" and "png" not in self.spec.output.formats):
+            return stored
+        return "float32"
+
     # -- work --------------------------------------------------------------------------------------
     def render_images(self, task: ShardTask) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         """Render one shard's images: ``(images (B,H,W) float32, rows, info)`` (no writing)."""
+        shard = self._render(task, stored_dtype=False)
+        try:
+            return np.array(shard.images, dtype=np.float32, copy=True), shard.rows, shard.info
+        finally:
+            shard.done()
+
+    def _render(self, task: ShardTask, stored_dtype: bool = True) -> RenderedShard:
+        """Render one shard into host memory: the GPU fast path (stored dtype, ring buffers) where it
+        applies and ``stored_dtype`` allows, else ``Backend.render`` (float32)."""
+        t0 = time.perf_counter()
         handle, vinfo, loaded = self.volume(task.volume_index)
         spectrum = self.spectrum(task.spectrum_index)
         photons = self.spec.detector.photons[task.photons_index]
         physics = physics_for(self.spec, photons)
-        cameras = [camera_for(self.spec, p) for p in task.poses]
+        cameras, columns = zip(*(self._cameras.get(p) for p in task.poses), strict=True)
+        cameras = list(cameras)
         scene = self.scene(task.volume_index)
         tools = [scene.tools_for(p.index) for p in task.poses] if scene is not None and scene.tools else None
         backend = self.backend()
-        scatter_before = getattr(backend, "scatter_seconds", 0.0)
-        if tools:
-            images = backend.render(handle, cameras, spectrum, physics, list(task.seeds), meshes=tools)
-        else:
-            images = backend.render(handle, cameras, spectrum, physics, list(task.seeds))
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        rows = image_rows(self.spec, task, cameras, spectrum, photons, vinfo["volume_id"], vinfo["sha256"])
+        rows = image_rows(self.spec, task, cameras, spectrum, photons, vinfo["volume_id"], vinfo["sha256"],
+                          list(columns))
         scale = storage_scale(self.spec.detector.output)
-        scatter_s = getattr(backend, "scatter_seconds", 0.0) - scatter_before
-        scatter = scatter_columns(physics, backend.name, scatter_s, len(rows))
-        for i, r in enumerate(rows):
-            r["image_scale"] = scale
-            r.update(scatter)
-            if scene is not None:
-                r.update(scene.annotate(cameras[i], tools[i] if tools else []))
-        info = {"volume": vinfo, "volume_loaded": loaded, "scatter_s": float(scatter_s)}
-        if scene is not None:
-            info["file_metadata"] = scene.file_metadata()
-        return images, rows, info
-
-    def _replace_writer(self, failed: Any) -> None:
-        """An AsyncShardWriter re-raises its first failure forever: swap in a fresh one."""
-        with self._state_lock:
-            if self.writer is not failed:
-                return
-            self.writer = self._writer_cls(self.sink, max_pending=self._write_pending)
-
-        def _drain() -> None:
-            with contextlib.suppress(Exception):
-                failed.close()
-
-        threading.Thread(target=_drain, name="drrfarm-writer-drain", daemon=True).start()
-
-    def _submit(self, shard_id: str, images: np.ndarray, rows: list[dict[str, Any]],
-                extra_metadata: dict[str, str] | None = None) -> tuple[Any, Any]:
-        writer = self.writer
-        meta = {**self.file_metadata, **(extra_metadata or {})}
+        seconds: dict[str, float] = {}
+        release = None
+        scatter_before = getattr(backend, "scatter_seconds", 0.0)
+        t1 = time.perf_counter()
+        if self._ring is not None and not tools:
+            dtype = self._device_dtype() if stored_dtype else "float32"
+            with self._render_lock:
+                tallies = backend.scatter_tallies(handle, cameras, [spectrum] * len(cameras), physics,
+                                                  list(task.seeds))
+            slot = self._ring.acquire((len(cameras), cameras[0].height, cameras[0].width), dtype)
+            try:
+                out, host = slot.views(len(cameras))
+                t2 = time.perf_counter()
+                job = backend.render_async(handle, cameras, spectrum, physics, list(task.seeds), dtype=dtype,
+                                           out=out, host_out=host, scatter=tallies)
+                job.wait()
+                seconds.update(job.gpu_seconds())
+                seconds["ring_wait_s"] = t2 - t1
+                seconds["gpu_wait_s"] = time.perf_counter() - t2
+            except BaseException:
+                self._ring.release(slot)
+                raise
+            images = host
+            ring = self._ring
+            release = lambda: ring.release(slot)  # noqa: E731
+        else:
+            with self._render_lock:
+                t2 = time.perf_counter()
+                if tools:
+                    images = backend.render(handle, cameras, spectrum, physics, list(task.seeds), meshes=tools)
+                else:
+                    images = backend.render(handle, cameras, spectrum, physics, list(task.seeds))
+                seconds["render_s"] = time.perf_counter() - t2
+                seconds["lock_wait_s"] = t2 - t1
+            images = np.ascontiguousarray(images, dtype=np.float32)
+        shard = RenderedShard(images, rows, {}, scale if images.dtype == np.uint16 else None, seconds, release)
         try:
-            return writer, writer.submit(shard_id, images, rows, meta)
-        except DrrfarmError:
-            # an earlier shard's failure surfacing here: this shard was never queued; retry on a new writer
-            self._replace_writer(writer)
-            writer = self.writer
-            return writer, writer.submit(shard_id, images, rows, meta)
+            seconds["setup_s"] = t1 - t0
+            scatter_s = getattr(backend, "scatter_seconds", 0.0) - scatter_before
+            scatter = scatter_columns(physics, backend.name, scatter_s, len(rows))
+            for i, r in enumerate(rows):
+                r["image_scale"] = scale
+                r.update(scatter)
+                if scene is not None:
+                    r.update(scene.annotate(cameras[i], tools[i] if tools else []))
+            shard.info = {"volume": vinfo, "volume_loaded": loaded, "scatter_s": float(scatter_s)}
+            if scene is not None:
+                shard.info["file_metadata"] = scene.file_metadata()
+        except BaseException:
+            shard.done()  # the buffer goes back to the ring
+            raise
+        return shard
 
     def render_shard(self, task: ShardTask) -> dict[str, Any]:
-        """Render and commit one shard; returns its stats once the manifest entry exists."""
+        """Render, encode and commit one shard; returns its stats once the manifest entry exists."""
         t0 = time.perf_counter()
-        with self._render_lock:
-            t1 = time.perf_counter()
-            images, rows, info = self.render_images(task)
-            t2 = time.perf_counter()
-            writer, future = self._submit(task.shard_id, images, rows, info.get("file_metadata"))
+        shard = self._render(task)
+        t1 = time.perf_counter()
         try:
-            entry = future.result()
-        except BaseException:
-            self._replace_writer(writer)
-            raise
+            meta = {**self.file_metadata, **(shard.info.get("file_metadata") or {})}
+            try:
+                files, entry = self.sink.prepare(task.shard_id, shard.images, shard.rows, meta,
+                                                 image_scale=shard.image_scale, executor=self._encoder)
+            except DrrfarmError:
+                raise
+            except Exception as exc:  # an encoding bug or MemoryError: still a StorageError for the driver
+                raise StorageError(f"shard {task.shard_id}: encoding failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            shard.done()
+        t2 = time.perf_counter()
+        entry = self.sink.commit(files, entry)
         t3 = time.perf_counter()
         with self._state_lock:
             self.shards_done += 1
-            self.images_done += len(rows)
+            self.images_done += len(shard.rows)
         stats = self.info()
         stats.update({
             "shard_id": task.shard_id, "shard_index": task.shard_index, "attempt": task.attempt,
-            "images": len(rows), "volume_index": task.volume_index, "volume_loaded": info["volume_loaded"],
-            "volume_info": info["volume"], "wait_s": t1 - t0, "render_s": t2 - t1, "write_s": t3 - t2,
-            "scatter_s": info["scatter_s"],
-            "seconds": t3 - t0, "entry": _entry_dict(entry),
+            "images": len(shard.rows), "volume_index": task.volume_index,
+            "volume_loaded": shard.info["volume_loaded"], "volume_info": shard.info["volume"],
+            "render_s": shard.seconds.get("render_s", t1 - t0), "copy_s": shard.seconds.get("copy_s", 0.0),
+            "encode_s": t2 - t1, "write_s": t3 - t2, "wait_s": shard.seconds.get("lock_wait_s", 0.0),
+            "timings": shard.seconds, "scatter_s": shard.info["scatter_s"], "seconds": t3 - t0,
+            "bytes": int(sum(entry.bytes.values())), "entry": _entry_dict(entry),
         })
         return stats
 
     def close(self) -> None:
-        """Drain and stop the writer."""
-        self.writer.close()
+        """Stop the encoder pool and free the image buffers."""
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=True)
+        if self._ring is not None:
+            self._ring.close()
 
 
 def _gpu_name() -> str | None:
@@ -434,7 +605,8 @@ def render_actor_class() -> Any:
 
 def actor_options(use_gpu: bool, cpus_per_actor: float = 1.0, max_restarts: int = 3, max_concurrency: int = 2,
                   runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Ray options of a render actor: one GPU (CUDA backend) or ``cpus_per_actor`` CPUs.
+    """Ray options of a render actor: one GPU and ``cpus_per_actor`` CPUs (CUDA backend: the CPUs it
+    encodes with) or ``cpus_per_actor`` CPUs.
 
     ``max_task_retries=0``: the driver retries failed shards itself (and counts them);
     ``max_restarts``: Ray recreates a crashed actor (its constructor reloads nothing until needed).
@@ -442,7 +614,7 @@ def actor_options(use_gpu: bool, cpus_per_actor: float = 1.0, max_restarts: int 
     opts: dict[str, Any] = {"max_restarts": int(max_restarts), "max_task_retries": 0,
                             "max_concurrency": int(max_concurrency)}
     if use_gpu:
-        opts.update(num_gpus=1, num_cpus=min(1.0, cpus_per_actor))
+        opts.update(num_gpus=1, num_cpus=cpus_per_actor)
     else:
         opts.update(num_cpus=cpus_per_actor, num_gpus=0)
     if runtime_env:

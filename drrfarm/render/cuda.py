@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -76,13 +77,33 @@ _PARAMS_DTYPE = np.dtype([
     ("H", "<i4"), ("W", "<i4"), ("B", "<i4"), ("tstride", "<i4"),
     ("nbmax", "<i4"), ("mode", "<i4"), ("output", "<i4"), ("out_dtype", "<i4"),
     ("scale", "<f4"), ("photons", "<f4"), ("sigma_e", "<f4"), ("tau_min", "<f4"),
-    ("solid_angle", "<i4"), ("pad0", "<i4"), ("pad1", "<i4"), ("pad2", "<i4"),
+    ("solid_angle", "<i4"), ("pad0", "<i4"), ("scale64", "<f8"),
     ("scatter", "<u8"), ("scatter_h", "<i4"), ("scatter_w", "<i4"), ("pad3", "<i4"), ("pad4", "<i4"),
 ])
 assert _PARAMS_DTYPE.itemsize == 264
 
 
 # ------------------------------------------------------------------------------------ device objects
+
+def free_in_context(device_index: int, allocation: Any) -> None:
+    """Free a pycuda device or page-locked host allocation with the GPU's primary context current.
+
+    pycuda frees an allocation dropped on another thread only if its context is current there, else it
+    leaks it (``... in out-of-thread context could not be cleaned up``); render results are released on
+    writer threads, so every buffer drrfarm allocates is freed through here."""
+    gpu = GpuDevice.get(device_index)
+    with gpu.context():
+        allocation.free()
+
+
+def pagelocked(shape: tuple[int, ...], dtype: Any, device_index: int) -> np.ndarray:
+    """A page-locked host array whose memory is freed in the GPU's context when the array is dropped."""
+    gpu = GpuDevice.get(device_index)
+    with gpu.context():
+        arr = drv.pagelocked_empty(tuple(int(s) for s in shape), np.dtype(dtype))
+    weakref.finalize(arr, free_in_context, device_index, arr.base)
+    return arr
+
 
 class DeviceImages:
     """A C-contiguous image buffer on the GPU, usable from PyTorch without a copy.
@@ -100,6 +121,15 @@ class DeviceImages:
         self._alloc = alloc if alloc is not None else (drv.mem_alloc(max(self.nbytes, 1)) if ptr is None else None)
         self.ptr = int(self._alloc) if self._alloc is not None else int(ptr or 0)
         self._owner = owner
+        if self._alloc is not None:  # freed in the GPU's context whichever thread drops the last reference
+            self._finalizer = weakref.finalize(self, free_in_context, device_index, self._alloc)
+
+    def free(self) -> None:
+        """Release the GPU memory now (in the device's context); the buffer is unusable afterwards."""
+        if self._alloc is not None:
+            self._finalizer()
+            self._alloc = None
+            self.ptr = 0
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:  # noqa: N802
@@ -141,7 +171,7 @@ class RenderJob:
     """A batch in flight: ``images`` on the GPU, ``host`` (pinned) once :meth:`wait` returns."""
 
     def __init__(self, gpu: GpuDevice, images: DeviceImages, host: np.ndarray | None, event: Any, scale: float | None,
-                 keep: list[Any], mesh_overflow: Any = None) -> None:
+                 keep: list[Any], mesh_overflow: Any = None, started: Any = None, rendered: Any = None) -> None:
         self._gpu = gpu
         self.images = images
         self.host = host
@@ -149,8 +179,13 @@ class RenderJob:
         self.scale = scale
         self._keep = keep
         self._mesh_overflow = mesh_overflow  # device u32[2] of mesh.cu (hit lists, unions), or None
+        self._started = started  # events: launch start, kernels done (before the copy to host)
+        self._rendered = rendered
+        self._gpu_seconds: dict[str, float] = {}
 
     def done(self) -> bool:
+        if self.event is None:
+            return True
         with self._gpu.context():
             return bool(self.event.query())
 
@@ -158,12 +193,21 @@ class RenderJob:
         """Block until the render (and the copy to host, if any) finished; returns ``host``.
 
         Raises :class:`BackendError` when a ray of a mesh render had more mesh crossings than the
-        kernel holds (its image would be wrong)."""
-        with self._gpu.context():
-            self.event.synchronize()
-            overflow = drv.from_device(self._mesh_overflow, (2,), np.uint32) if self._mesh_overflow else None
-        self._keep = []
-        self._mesh_overflow = None
+        kernel holds (its image would be wrong). Events and scratch are released here, in the GPU's
+        context (pycuda cannot free them from another thread later)."""
+        overflow = None
+        if self.event is not None:
+            with self._gpu.context():
+                self.event.synchronize()
+                if self._started is not None and self._rendered is not None:
+                    self._gpu_seconds = {"render_s": self._rendered.time_since(self._started) / 1e3,
+                                         "copy_s": self.event.time_since(self._rendered) / 1e3}
+                if self._mesh_overflow is not None:
+                    overflow = drv.from_device(self._mesh_overflow, (2,), np.uint32)
+                    self._mesh_overflow.free()
+                    self._mesh_overflow = None
+                self._keep = []
+                self.event = self._started = self._rendered = None
         if overflow is not None and overflow.any():
             raise BackendError(
                 f"meshes: {int(overflow[0])} ray(s) crossed more mesh surfaces than the kernel holds "
@@ -171,10 +215,126 @@ class RenderJob:
                 "intervals than mesh_kmax; raise CudaBackend(mesh_kmax=...) or simplify the meshes")
         return self.host
 
+    def gpu_seconds(self) -> dict[str, float]:
+        """After :meth:`wait`: the GPU's time on this batch, ``render_s`` (kernels) and ``copy_s`` (to host)."""
+        return dict(self._gpu_seconds)
+
     def torch(self) -> Any:
         """Wait, then the images as a torch CUDA tensor sharing the GPU buffer (no copy)."""
         self.wait()
         return self.images.torch()
+
+
+class ImageSlot:
+    """One reusable pair of image buffers: ``device`` (:class:`DeviceImages`) and ``host`` (page-locked)."""
+
+    __slots__ = ("device", "host", "shape", "dtype")
+
+    def __init__(self, device: DeviceImages, host: np.ndarray) -> None:
+        self.device = device
+        self.host = host
+        self.shape = device.shape
+        self.dtype = device.dtype
+
+    def fits(self, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+        """True when a batch of ``shape`` (batch size up to this slot's) and ``dtype`` fits."""
+        return self.dtype == dtype and self.shape[1:] == tuple(shape[1:]) and self.shape[0] >= shape[0]
+
+    def views(self, n: int) -> tuple[DeviceImages, np.ndarray]:
+        """``out`` and ``host_out`` arguments of :meth:`CudaBackend.render_async` for ``n`` images."""
+        dev = self.device if n == self.shape[0] else DeviceImages(
+            (n, *self.shape[1:]), self.dtype, self.device.device_index, ptr=self.device.ptr, owner=self.device)
+        return dev, self.host[:n]
+
+
+class ImageRing:
+    """A bounded set of reusable image buffers (GPU output + page-locked host copy) for a render loop.
+
+    Allocating page-locked memory costs milliseconds per megabyte and freeing it on the wrong thread
+    leaks it, so a farm worker renders every batch into a slot of this ring, hands the host copy to its
+    encoder and releases the slot once the bytes are encoded. :meth:`acquire` blocks while
+    ``slots`` are in use (backpressure). Slots are allocated on first need and freed by :meth:`close`.
+    """
+
+    def __init__(self, device_index: int, slots: int) -> None:
+        if slots < 1:
+            raise BackendError(f"ImageRing: slots must be >= 1, got {slots}")
+        self.device_index = int(device_index)
+        self.slots = int(slots)
+        self._free: list[ImageSlot] = []
+        self._count = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def acquire(self, shape: tuple[int, ...], dtype: Any) -> ImageSlot:
+        """A slot for a (B, H, W) batch of ``dtype`` (blocks while every slot is in use)."""
+        shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        stale: ImageSlot | None = None
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise BackendError("ImageRing is closed")
+                fit = next((s for s in self._free if s.fits(shape, dtype)), None)
+                if fit is not None:
+                    self._free.remove(fit)
+                    return fit
+                if self._count < self.slots:
+                    self._count += 1
+                    break
+                if self._free:  # a slot of another shape: replace it
+                    stale = self._free.pop(0)
+                    break
+                self._cond.wait()
+        if stale is not None:
+            _free_slot(stale)
+        try:
+            with GpuDevice.get(self.device_index).context():
+                dev = DeviceImages(shape, dtype, self.device_index)
+            return ImageSlot(dev, pagelocked(shape, dtype, self.device_index))
+        except BaseException:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify()
+            raise
+
+    def reserve(self, shape: tuple[int, ...], dtype: Any) -> None:
+        """Allocate every slot for (B, H, W) batches of ``dtype`` now (page-locking is slow: do it before
+        the clock starts rather than on the first shards)."""
+        taken = [self.acquire(shape, dtype) for _ in range(self.slots)]
+        for slot in taken:
+            self.release(slot)
+
+    def release(self, slot: ImageSlot) -> None:
+        """Give a slot back (its host array must no longer be read)."""
+        with self._cond:
+            if self._closed:
+                _free_slot(slot)
+                self._count -= 1
+            else:
+                self._free.append(slot)
+            self._cond.notify()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (GPU and page-locked host each)."""
+        with self._cond:
+            return sum(s.device.nbytes for s in self._free)
+
+    def close(self) -> None:
+        """Free the idle slots now (slots still out are freed when released)."""
+        with self._cond:
+            self._closed = True
+            idle, self._free = self._free, []
+            self._count -= len(idle)
+            self._cond.notify_all()
+        for s in idle:
+            _free_slot(s)
+
+
+def _free_slot(slot: ImageSlot) -> None:
+    slot.device.free()
+    host, slot.host = slot.host, None  # type: ignore[assignment]
+    del host  # its finalizer frees the page-locked memory in the GPU's context
 
 
 class _Staging:
@@ -346,6 +506,7 @@ class CudaBackend:
         self._tables_cache: dict[tuple, phys.DetectorTables] = {}
         self._stream = None
         self._lock = self._gpu.lock
+        self._ring = ImageRing(self.device_index, 2)  # the buffers of render() (float32 to host)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -377,8 +538,7 @@ class CudaBackend:
 
     def pinned(self, shape: tuple[int, ...], dtype: Any = "float16") -> np.ndarray:
         """A reusable page-locked host array (pass as ``host_out=``)."""
-        with self._gpu.context():
-            return drv.pagelocked_empty(tuple(shape), np.dtype(dtype))
+        return pagelocked(tuple(shape), dtype, self.device_index)
 
     def memory_info(self) -> tuple[int, int]:
         """(free, total) bytes of GPU memory."""
@@ -477,6 +637,8 @@ class CudaBackend:
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
+        self._ring.close()
+        self._ring = ImageRing(self.device_index, 2)
 
     # -- rendering -----------------------------------------------------------------------------
 
@@ -575,6 +737,8 @@ class CudaBackend:
                 host, dev = slot[1], slot[2]
                 for off, blob in zip(offsets, blobs, strict=True):
                     host[off : off + len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+                started = drv.Event()
+                started.record(stream)
                 drv.memcpy_htod_async(dev, host[:total], stream)
                 base = int(dev)
                 images = _wrap_out(out, out_shape, out_dtype, self.device_index) if out is not None else \
@@ -607,6 +771,7 @@ class CudaBackend:
                 p["out_dtype"] = DTYPE_CODES[dtype]
                 scale = phys.UINT16_SCALE[physics.output] if dtype == "uint16" else None
                 p["scale"] = scale or 1.0
+                p["scale64"] = scale or 1.0
                 p["photons"] = float(physics.photons) if physics.photons else 0.0
                 p["sigma_e"] = float(physics.electronic_noise) if physics.photons else 0.0
                 p["tau_min"] = 0.5 / physics.photons if physics.photons else phys.NOISELESS_TAU_MIN
@@ -633,9 +798,11 @@ class CudaBackend:
                     n = B * H * W
                     self._fn("drr_neglog_finish")(params[()], block=(256, 1, 1),
                                                   grid=(max(1, min(65535, (n + 255) // 256)), 1), stream=stream)
+                rendered = drv.Event()
+                rendered.record(stream)
                 host_arr = None
                 if to_host:
-                    host_arr = host_out if host_out is not None else drv.pagelocked_empty(out_shape, out_dtype)
+                    host_arr = host_out if host_out is not None else pagelocked(out_shape, out_dtype, self.device_index)
                     if host_arr.shape != out_shape or host_arr.dtype != out_dtype:
                         raise BackendError(f"host_out: expected {out_shape} {out_dtype}, got "
                                            f"{host_arr.shape} {host_arr.dtype}")
@@ -643,7 +810,7 @@ class CudaBackend:
                 event = drv.Event()
                 event.record(stream)
                 slot[3] = event
-        return RenderJob(self._gpu, images, host_arr, event, scale, keep, mesh_overflow)
+        return RenderJob(self._gpu, images, host_arr, event, scale, keep, mesh_overflow, started, rendered)
 
     def _split(self, params: np.ndarray, method: str, vol: CudaVolume, interp: str, mode: int, B: int, H: int,
                W: int, out_dtype: np.dtype, stream: Any, shared: int, mesh: _MeshRun | None = None) -> None:
@@ -772,13 +939,29 @@ class CudaBackend:
         scatter = self.scatter_tallies(handle, cameras, spectra, physics, seeds)
 
         def run(idx: list[int], per: list[list[Any]] | None) -> np.ndarray:
-            return self._grouped([cameras[i] for i in idx], lambda sub: self.render_async(
+            return self._grouped([cameras[i] for i in idx], lambda sub: self._render_copy(
                 handle, [cameras[idx[i]] for i in sub], [spectra[idx[i]] for i in sub], physics,
                 [seeds[idx[i]] for i in sub], meshes=[per[i] for i in sub] if per else None,
-                scatter=None if scatter is None else scatter[[idx[i] for i in sub]]).wait(),
+                scatter=None if scatter is None else scatter[[idx[i] for i in sub]]),
                 lambda h, w: (h, w))
 
         return self._by_scene(cameras, meshes, run, lambda h, w: (h, w))
+
+    def _render_copy(self, handle: CudaVolume, cameras: list[Any], spectra: list[Any], physics: phys.Physics,
+                     seeds: list[int], **kwargs: Any) -> np.ndarray:
+        """One launch into a reused buffer pair of :attr:`_ring`, waited for and copied out: (B, H, W) float32."""
+        shape = (len(cameras), int(cameras[0].height), int(cameras[0].width))
+        slot = self._ring.acquire(shape, np.float32)
+        try:
+            out, host = slot.views(shape[0])
+            self.render_async(handle, cameras, spectra, physics, seeds, out=out, host_out=host, **kwargs).wait()
+            return np.array(host, copy=True)
+        finally:
+            self._ring.release(slot)
+
+    def image_ring(self, slots: int) -> ImageRing:
+        """A new :class:`ImageRing` of ``slots`` reusable buffer pairs on this backend's GPU (the caller closes it)."""
+        return ImageRing(self.device_index, slots)
 
     def scatter_tallies(self, handle: CudaVolume, cameras: Sequence[Any], spectra: Sequence[Any],
                         physics: phys.Physics, seeds: Sequence[int]) -> np.ndarray | None:

@@ -248,9 +248,11 @@ class Store:
         raise AssertionError("unreachable")
 
     # -- writes
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes | memoryview) -> None:
         """Atomically create/replace ``key`` with ``data`` (see module docstring), with retries."""
         path = self.path(key)
+        if not self._local and not isinstance(data, bytes):
+            data = bytes(data)  # object-store clients want bytes
         if self._local:
             self.call(f"writing {self.url_for(key)}", lambda: self._put_local(path, data))
         elif self.protocol in _DIRECT_PUT_PROTOCOLS:

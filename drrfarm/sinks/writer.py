@@ -20,7 +20,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -91,7 +91,7 @@ class ShardSink:
         rows_per_row_group: int | None = None,
         *,
         parquet_compression: str = "zstd",
-        parquet_compression_level: int | None = 3,
+        parquet_compression_level: int | None = None,
         png_compress_level: int = 1,
     ) -> None:
         if isinstance(formats, str):
@@ -109,6 +109,10 @@ class ShardSink:
         self.image_dtype = image_dtype
         self.rows_per_row_group = rows_per_row_group
         self.parquet_compression = parquet_compression
+        if parquet_compression_level is None and parquet_compression == "zstd":
+            from drrfarm.sinks.parquet import IMAGE_ZSTD_LEVEL
+
+            parquet_compression_level = IMAGE_ZSTD_LEVEL
         self.parquet_compression_level = parquet_compression_level
         self.png_compress_level = png_compress_level
 
@@ -146,8 +150,12 @@ class ShardSink:
         rows: Sequence[Mapping[str, Any]],
         file_metadata: Mapping[str, Any] | None = None,
         image_scale: Any = None,
+        executor: Executor | None = None,
     ) -> tuple[dict[str, bytes], ShardEntry]:
-        """Encode a shard in memory: ({key: bytes}, the entry to commit). No I/O."""
+        """Encode a shard in memory: ({key: bytes}, the entry to commit). No I/O.
+
+        ``executor``: codes the images (Parquet ``zstd-delta`` cells, PNGs) in parallel -- numpy, zstd and
+        zlib release the GIL; the bytes are the same."""
         from drrfarm import __version__
         from drrfarm.sinks.parquet import VECTOR_LENGTHS, encode_parquet
         from drrfarm.sinks.png import encode_png16, png_keys, sidecar_json
@@ -216,13 +224,19 @@ class ShardSink:
             files[parquet_key(shard_id)] = encode_parquet(
                 stored, parquet_rows, meta, rows_per_row_group=self.rows_per_row_group,
                 compression=self.parquet_compression, compression_level=self.parquet_compression_level,
+                executor=executor,
             )
         if "png" in self.formats:
+            level = self.png_compress_level
+            if executor is not None and b > 1:
+                pngs = list(executor.map(lambda im: encode_png16(im, compress_level=level), q))
+            else:
+                pngs = [encode_png16(im, compress_level=level) for im in q]
             for i, row in enumerate(norm):
                 png_key, json_key = png_keys(row.get("volume_id") or "_", shard_id, row["image_index"])
                 if png_key in files:
                     raise StorageError(f"shard {shard_id}: two images map to {png_key}")
-                files[png_key] = encode_png16(q[i], compress_level=self.png_compress_level)
+                files[png_key] = pngs[i]
                 extra, side_keys = png_files(pixel_fields[i], png_key, self.png_compress_level)
                 files.update(extra)
                 side = {**row, **side_keys, "image_dtype": "uint16", "image_scale": float(scales[i])}

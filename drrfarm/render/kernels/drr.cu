@@ -55,10 +55,12 @@ struct Params {
     int H, W, B, tstride;
     int nbmax, mode, output, out_dtype;
     float scale, photons, sigma_e, tau_min;
-    int solid_angle, pad0, pad1, pad2;
+    int solid_angle, pad0;
+    double scale64;  // the uint16 scale in float64: stored = rint(double(y) / scale64), as the CPU quantiser
     u64 scatter;  // const float* (B, 2, scatter_h, scatter_w): scatter signal and counts tallies, or 0
     int scatter_h, scatter_w, pad3, pad4;
 };
+static_assert(sizeof(Params) == 264, "Params must match _PARAMS_DTYPE (264 bytes)");
 
 enum { MODE_LINE_INTEGRALS = 0, MODE_IMAGE = 1 };
 enum { OUT_LINE_INTEGRAL = 0, OUT_TRANSMISSION = 1, OUT_INTENSITY = 2, OUT_NEGLOG = 3 };
@@ -78,8 +80,10 @@ __device__ __forceinline__ void store_output(const Params& p, size_t idx, float 
     } else if (p.out_dtype == DT_F16) {
         reinterpret_cast<u16*>(p.out)[idx] = f32_to_f16_bits(y);
     } else {
-        float r = rintf(__fdiv_rn(y, p.scale));
-        r = fminf(fmaxf(r, 0.0f), 65535.0f);  // NaN -> 0
+        // float64 division and round-half-even, then the clip: bit for bit what the CPU quantiser
+        // (drrfarm.sinks.writer.quantize) makes of the float32 value y
+        double r = rint((double)y / p.scale64);
+        r = fmin(fmax(r, 0.0), 65535.0);  // NaN -> 0
         reinterpret_cast<u16*>(p.out)[idx] = (u16)r;
     }
 }
