@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tracking", action="store_true", help="do not log an MLflow run")
     parser.add_argument("--actors", type=int, default=None, help="number of render actors")
     parser.add_argument("--summary-json", default=None, help="also write the summary as JSON to this local file")
+    parser.add_argument("--forward-credentials", action="store_true",
+                        help="hand the job's AWS keys to the render actors through Ray's runtime env (visible in the "
+                             "dashboard); default: actors use their own environment or instance/pod role")
     args = parser.parse_args(argv)
 
     from drrfarm.errors import DrrfarmError
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_sweep(args.spec, address=args.address, output=args.output, tracking=not args.no_tracking,
-                            num_actors=args.actors, progress=True)
+                            num_actors=args.actors, progress=True, forward_credentials=args.forward_credentials)
     except DrrfarmError as exc:
         print(f"jobs/sweep.py: error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None, help="override the spec's backend")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--forward-credentials", action="store_true",
+                   help="hand this shell's AWS keys to the render actors through Ray's runtime env (visible in "
+                        "the dashboard); default: actors use their own environment or instance/pod role")
     p.set_defaults(handler=_run_sweep)
 
     p = subparsers.add_parser("plan", help="print what a sweep spec would render (counts, shards, bytes)")
@@ -59,7 +62,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
     sigterm_as_interrupt()
 
     summary = run_sweep(args.spec, address=args.address, output=args.output, tracking=not args.no_tracking,
-                        num_actors=args.actors, progress=not args.quiet, backend=args.backend)
+                        num_actors=args.actors, progress=not args.quiet, backend=args.backend,
+                        forward_credentials=args.forward_credentials)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2, default=str))
     return 0 if summary.complete else 1

@@ -55,10 +55,14 @@ from drrfarm.farm.spec import SweepSpec, load_spec
 
 #: application errors a retry cannot fix: their shard fails at once
 PERMANENT_ERRORS = (VolumeError, MaterialError, GeometryError, PhysicsError, SpectrumError, SpecError)
-#: environment variables forwarded to render actors (object-store endpoint/credentials, caches)
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CONFIG_FILE",
-                 "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "DRRFARM_CACHE")
+#: environment variables forwarded to render actors through Ray's runtime env (where the object store is,
+#: which profile and files to read, caches: no secrets -- the runtime env is visible to anyone who can read
+#: the dashboard or the job's config)
+FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+                 "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", "DRRFARM_CACHE")
+#: credentials: forwarded only with ``forward_credentials`` (``--forward-credentials``); by default actors use
+#: their own environment or the node's instance / pod role
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 PREFLIGHT_CAMERAS = 20_000  # poses whose cameras the driver builds before starting (all, up to this)
 
 
@@ -676,8 +680,12 @@ def _safe(obj: Any, method: str, *args: Any, **kwargs: Any) -> Any:
         return None
 
 
-def _forwarded_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+def forwarded_env(credentials: bool = False) -> dict[str, str]:
+    """The driver's environment variables that render actors get through Ray's runtime env: the object
+    store's location and settings (:data:`FORWARDED_ENV`), and its keys (:data:`CREDENTIAL_ENV`) only
+    when ``credentials`` is True."""
+    names = FORWARDED_ENV + (CREDENTIAL_ENV if credentials else ())
+    return {k: os.environ[k] for k in names if os.environ.get(k)}
 
 
 def _committed(manifest: Any) -> dict[str, Any]:
@@ -719,7 +727,8 @@ def committed_shards(plan: Plan, url: str) -> dict[str, Any]:
 def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None = None, output: str | None = None,
               tracking: bool = True, num_actors: int | None = None, progress: bool = True, *,
               backend: str | None = None, callback: Callable[[str, dict[str, Any]], None] | None = None,
-              stall_timeout_s: float = 900.0, stream: TextIO | None = None) -> SweepSummary:
+              stall_timeout_s: float = 900.0, stream: TextIO | None = None,
+              forward_credentials: bool = False) -> SweepSummary:
     """Render every missing shard of a sweep spec and return its summary.
 
     ``spec_path``: YAML file (or an already loaded :class:`SweepSpec`); ``address``: None (local Ray
@@ -729,7 +738,9 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
     ``farm.cpus_per_actor`` CPUs, never more than the missing shards); ``progress``: progress bar on
     stderr; ``backend``: overrides the spec's backend; ``callback(event, data)``: observer of
     ``shard_done`` / ``shard_retry`` / ``shard_failed`` / ``actor_lost`` / ``actor_back`` /
-    ``actor_replaced`` events (tests use it to inject faults).
+    ``actor_replaced`` events (tests use it to inject faults); ``forward_credentials``: also hand the
+    driver's AWS keys to the actors through Ray's runtime env (visible in the dashboard and the job's
+    config; by default actors use their own environment or their node's instance / pod role).
     """
     t_start = time.perf_counter()
     stream = stream or sys.stderr
@@ -774,7 +785,8 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
     summary.run_id = run_id
     summary.tracking_uri = getattr(tracker, "tracking_uri", None)
 
-    runtime_env = {"env_vars": _forwarded_env()} if _forwarded_env() else None
+    env_vars = forwarded_env(credentials=forward_credentials)
+    runtime_env = {"env_vars": env_vars} if env_vars else None
     started_ray = connect_ray(address)
     farm = None
     status = "FAILED"
