@@ -16,7 +16,10 @@ Fault tolerance
 ---------------
 Actors are created with ``max_restarts`` (Ray restarts a crashed actor, also on another node
 when its node is lost) and ``max_task_retries=0``: the driver itself re-queues the shards of a
-failed call (bounded by ``farm.max_shard_retries`` per shard). After an actor error the driver
+failed call (bounded by ``farm.max_shard_retries`` per shard). A shard in flight longer than its
+deadline (:func:`shard_deadline_s`: ``farm.shard_timeout_s``, or 10x the p95 of the shards measured so far,
+at least ``farm.shard_timeout_floor_s``) means its actor is alive but hung: the actor is killed and
+replaced, the shard retried, the summary counts the timeout. After an actor error the driver
 probes the actor (a ``ping`` that waits for the restart); if it is dead for good it is replaced
 with a fresh one (bounded). Application errors that cannot succeed on retry (bad volume file,
 unknown material, impossible geometry) fail their shard at once. In-flight work is bounded to
@@ -64,6 +67,22 @@ FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_EN
 #: their own environment or the node's instance / pod role
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 PREFLIGHT_CAMERAS = 20_000  # poses whose cameras the driver builds before starting (all, up to this)
+DEADLINE_MIN_SHARDS = 3  # shards measured before a derived deadline applies (the first load volumes)
+DEADLINE_PERCENTILE = 95.0
+DEADLINE_FACTOR = 10.0  # a shard may take this many times the measured p95 before its actor counts as hung
+
+
+def shard_deadline_s(durations: Any, override_s: float | None, floor_s: float) -> float | None:
+    """Seconds a shard may stay in flight on one actor before the actor counts as hung: ``override_s``
+    when set, else ``DEADLINE_FACTOR`` x the p95 of the shards measured so far (dispatch to result), never
+    below ``floor_s``; None until ``DEADLINE_MIN_SHARDS`` shards are measured."""
+    if override_s is not None:
+        return float(override_s)
+    if len(durations) < DEADLINE_MIN_SHARDS:
+        return None
+    import numpy as np
+
+    return max(float(floor_s), DEADLINE_FACTOR * float(np.percentile(np.asarray(durations), DEADLINE_PERCENTILE)))
 
 
 @dataclass
@@ -87,6 +106,7 @@ class SweepSummary:
     errors: dict[str, str] = field(default_factory=dict)
     actor_errors: int = 0
     actors_replaced: int = 0
+    timeouts: int = 0  # shards past their deadline: their actor was killed and replaced
     actors: int = 0
     backend: str = ""
     seconds: float = 0.0
@@ -114,7 +134,7 @@ class SweepSummary:
             f"  shards  {self.shards_rendered} rendered, {self.shards_skipped} already done, "
             f"{self.shards_total} planned",
             f"  retries {self.retries}, failures {self.failures}, actor errors {self.actor_errors}, "
-            f"actors replaced {self.actors_replaced}",
+            f"actors replaced {self.actors_replaced}, timeouts {self.timeouts}",
         ]
         if self.images_rendered:
             lines.append(f"  throughput {self.images_per_s:.2f} images/s on {self.actors} {self.backend} actor(s); "
@@ -338,6 +358,7 @@ class _Slot:
         self.index = index
         self.handle = handle
         self.inflight: dict[Any, int] = {}  # ObjectRef -> shard index
+        self.sent: dict[Any, float] = {}  # ObjectRef -> when it was dispatched (time.monotonic)
         self.volumes: set[int] = set()  # volumes it holds (reported) or is loading (assigned)
         self.state = "ok"  # ok | probing
         self.probe: Any = None
@@ -378,6 +399,8 @@ class _Farm:
         self.retries = 0
         self.actor_errors = 0
         self.actors_replaced = 0
+        self.timeouts = 0
+        self.durations: deque[float] = deque(maxlen=500)  # dispatch -> result of the latest shards, seconds
         self.replace_budget = max(2, 2 * num_actors)
         self.images_done = plan.n_images - sum(plan.shards[i].n_images for i in todo)
         self.images_rendered = 0
@@ -478,6 +501,7 @@ class _Farm:
                 attempt = self.attempts.get(i, 0)
                 ref = slot.handle.render_shard.remote(self.plan.task(i, attempt=attempt))
                 slot.inflight[ref] = i
+                slot.sent[ref] = time.monotonic()
                 if slot.t_first is None:
                     slot.t_first = time.perf_counter()
                 if self.t_first is None:
@@ -519,6 +543,7 @@ class _Farm:
         import ray
 
         i = slot.inflight.pop(ref)
+        sent = slot.sent.pop(ref, None)
         shard = self.plan.shards[i]
         try:
             stats = ray.get(ref)
@@ -538,6 +563,8 @@ class _Farm:
             self._requeue(i, f"ray error: {_short(exc)}")
             self._start_probe(slot, exc)
             return
+        if sent is not None:
+            self.durations.append(time.monotonic() - sent)
         if i not in self.remaining:  # e.g. failed meanwhile; a commit still counts
             self.failed.pop(shard.shard_id, None)
         self.remaining.discard(i)
@@ -588,18 +615,51 @@ class _Farm:
             # dead for good (restarts exhausted): requeue anything still attributed to it, replace it
             for r, i in list(slot.inflight.items()):
                 slot.inflight.pop(r)
+                slot.sent.pop(r, None)
                 self._requeue(i, f"actor dead: {_short(exc)}")
-            with contextlib.suppress(Exception):
-                ray.kill(slot.handle, no_restart=True)
-            if self.actors_replaced < self.replace_budget:
-                self.actors_replaced += 1
-                slot.handle = self._new_actor()
-                slot.state = "ok"
-                slot.generation += 1
-                self._emit("actor_replaced", {"slot": slot.index, "error": _short(exc)})
-            else:
-                slot.state = "dead"
-                self._emit("actor_dead", {"slot": slot.index, "error": _short(exc)})
+            self._replace(slot, _short(exc))
+
+    def _replace(self, slot: _Slot, reason: str) -> None:
+        """Kill ``slot``'s actor for good and start a fresh one in its place (bounded by the budget)."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(slot.handle, no_restart=True)
+        slot.volumes = set()
+        if self.actors_replaced < self.replace_budget:
+            self.actors_replaced += 1
+            slot.handle = self._new_actor()
+            slot.state = "ok"
+            slot.generation += 1
+            self._emit("actor_replaced", {"slot": slot.index, "error": reason})
+        else:
+            slot.state = "dead"
+            self._emit("actor_dead", {"slot": slot.index, "error": reason})
+
+    def check_deadlines(self) -> None:
+        """An actor holding a shard past its deadline is hung (a wedged GPU, a stuck filesystem call):
+        kill and replace it; the late shard is retried (a timeout), the others it held go back unharmed."""
+        deadline = shard_deadline_s(self.durations, self.farm.shard_timeout_s, self.farm.shard_timeout_floor_s)
+        if deadline is None:
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.state != "ok":
+                continue
+            late = [r for r, t in slot.sent.items() if now - t > deadline]
+            if not late:
+                continue
+            self.timeouts += len(late)
+            for r, i in list(slot.inflight.items()):
+                slot.inflight.pop(r)
+                slot.sent.pop(r, None)
+                if r in late:
+                    self._emit("shard_timeout", {"shard_id": self.plan.shards[i].shard_id, "slot": slot.index,
+                                                 "deadline_s": deadline, **slot.info})
+                    self._requeue(i, f"no result within {deadline:.0f} s: actor hung, replaced")
+                else:  # not its fault: back to the front of its queue, no attempt counted
+                    self.queues.setdefault(self.plan.shards[i].volume_index, deque()).appendleft(i)
+            self._replace(slot, f"a shard passed its {deadline:.0f} s deadline")
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -630,6 +690,7 @@ class _Farm:
                         self._on_probe(slot)
                 if ready:
                     last_progress = time.monotonic()
+            self.check_deadlines()
             if any(s.state == "ok" and s.inflight for s in self.slots):
                 last_progress = time.monotonic()  # a live actor is working (shards may be long): not a stall
             if time.monotonic() - last_progress > self.stall_timeout_s:
@@ -843,6 +904,7 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
             summary.errors = dict(farm.failed)
             summary.actor_errors = farm.actor_errors
             summary.actors_replaced = farm.actors_replaced
+            summary.timeouts = farm.timeouts
             summary.shards_rendered = len(farm.done)
             summary.rendered_shards = sorted(farm.done)
             summary.images_rendered = farm.images_rendered

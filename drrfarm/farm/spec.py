@@ -350,6 +350,8 @@ class FarmSpec:
     inflight_per_actor: int | None = None
     max_actor_restarts: int = 3
     cpus_per_gpu: float | None = None
+    shard_timeout_s: float | None = None  # None: derived from the shards measured (drrfarm.farm.driver)
+    shard_timeout_floor_s: float = 300.0  # the derived deadline never goes below this
 
     def inflight(self, use_gpu: bool, encode_threads: int) -> int:
         """Shards in flight per actor: the setting, or its default (see the class docstring)."""
@@ -1170,7 +1172,8 @@ class _Validator:
 
     def farm(self, value: Any, path: str) -> FarmSpec:
         m = self.mapping(value, path, ["actors", "cpus_per_actor", "max_shard_retries", "inflight_per_actor",
-                                       "max_actor_restarts", "cpus_per_gpu"])
+                                       "max_actor_restarts", "cpus_per_gpu", "shard_timeout_s",
+                                       "shard_timeout_floor_s"])
         d = FarmSpec()
         actors = m.get("actors")
         actors = self.integer(actors, _join(path, "actors"), lo=1, hi=100_000) if actors is not None else None
@@ -1186,8 +1189,14 @@ class _Validator:
         per_gpu = m.get("cpus_per_gpu")
         if per_gpu is not None:
             per_gpu = self.number(per_gpu, _join(path, "cpus_per_gpu"), lo=0.0, lo_open=True, hi=1024)
+        timeout = m.get("shard_timeout_s")
+        if timeout is not None:
+            timeout = self.number(timeout, _join(path, "shard_timeout_s"), lo=0.0, lo_open=True, hi=7 * 86400.0)
+        floor = self.number(m.get("shard_timeout_floor_s", d.shard_timeout_floor_s),
+                            _join(path, "shard_timeout_floor_s"), lo=0.0, lo_open=True, hi=7 * 86400.0)
         return FarmSpec(actors=actors, cpus_per_actor=cpus, max_shard_retries=retries,
-                        inflight_per_actor=inflight, max_actor_restarts=restarts, cpus_per_gpu=per_gpu)
+                        inflight_per_actor=inflight, max_actor_restarts=restarts, cpus_per_gpu=per_gpu,
+                        shard_timeout_s=timeout, shard_timeout_floor_s=floor)
 
 
 def _axis_min(a: AxisSpec) -> float | None:
