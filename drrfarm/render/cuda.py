@@ -314,12 +314,6 @@ class ImageRing:
                 self._free.append(slot)
             self._cond.notify()
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated (GPU and page-locked host each)."""
-        with self._cond:
-            return sum(s.device.nbytes for s in self._free)
-
     def close(self) -> None:
         """Free the idle slots now (slots still out are freed when released)."""
         with self._cond:
@@ -332,9 +326,9 @@ class ImageRing:
 
 
 def _free_slot(slot: ImageSlot) -> None:
+    """Free a slot's GPU buffer now; its page-locked array is freed (in the GPU's context) once unreferenced."""
     slot.device.free()
-    host, slot.host = slot.host, None  # type: ignore[assignment]
-    del host  # its finalizer frees the page-locked memory in the GPU's context
+    slot.host = None  # type: ignore[assignment]
 
 
 class _Staging:

@@ -151,7 +151,7 @@ class ShardSink:
         file_metadata: Mapping[str, Any] | None = None,
         image_scale: Any = None,
         executor: Executor | None = None,
-    ) -> tuple[dict[str, bytes], ShardEntry]:
+    ) -> tuple[dict[str, bytes | memoryview], ShardEntry]:
         """Encode a shard in memory: ({key: bytes}, the entry to commit). No I/O.
 
         ``executor``: codes the images (Parquet ``zstd-delta`` cells, PNGs) in parallel -- numpy, zstd and
@@ -277,7 +277,7 @@ class ShardSink:
         files, entry = self.prepare(shard_id, images, rows, file_metadata, image_scale)
         return self.commit(files, entry)
 
-    def commit(self, files: Mapping[str, bytes], entry: ShardEntry) -> ShardEntry:
+    def commit(self, files: Mapping[str, bytes | memoryview], entry: ShardEntry) -> ShardEntry:
         """Upload prepared files, then commit the manifest entry last."""
         from dataclasses import replace
 
