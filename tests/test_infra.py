@@ -592,11 +592,12 @@ def test_spec_configmap_validates_with_drrfarms_loader() -> None:
         gpus_max = sum(g["maxReplicas"] for g in cluster["workerGroupSpecs"]
                        for c in g["template"]["spec"]["containers"]
                        if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {}))
-        if spec.backend == "cuda":
-            assert any(g.get("minReplicas", 0) >= 1 for g in cluster["workerGroupSpecs"]), (
-                f"{path.name}: `backend: cuda` fails at start unless a GPU worker is already up (minReplicas >= 1)")
-        if spec.farm.actors is not None and spec.backend != "cpu":
-            assert spec.farm.actors <= gpus_max, f"{path.name}: more render actors than GPUs the cluster can have"
+        if spec.backend == "cuda":  # GPU workers scale from zero only when the driver asks for them
+            assert spec.farm.max_actors or any(g.get("minReplicas", 0) >= 1 for g in cluster["workerGroupSpecs"]), (
+                f"{path.name}: with no GPU worker up and no farm.max_actors nothing asks the autoscaler for GPUs")
+        for n in (spec.farm.actors, spec.farm.max_actors):
+            if n is not None and spec.backend != "cpu":
+                assert n <= gpus_max, f"{path.name}: more render actors than GPUs the cluster can have"
 
 
 def test_secret_example_holds_only_placeholders() -> None:

@@ -107,6 +107,7 @@ class SweepSummary:
     actor_errors: int = 0
     actors_replaced: int = 0
     timeouts: int = 0  # shards past their deadline: their actor was killed and replaced
+    actors_added: int = 0  # elastic GPU farms: actors started for GPUs that joined during the sweep
     actors: int = 0
     backend: str = ""
     seconds: float = 0.0
@@ -376,7 +377,7 @@ class _Slot:
 class _Farm:
     def __init__(self, plan: Plan, todo: list[int], run_id: str | None, num_actors: int, use_gpu: bool,
                  backend: str, progress: Progress, tracker: Any, callback: Callable[[str, dict[str, Any]], None] | None,
-                 runtime_env: dict[str, Any] | None, stall_timeout_s: float) -> None:
+                 runtime_env: dict[str, Any] | None, stall_timeout_s: float, elastic: bool = False) -> None:
         self.plan = plan
         self.spec = plan.spec
         self.farm = plan.spec.farm
@@ -389,6 +390,11 @@ class _Farm:
         self.callback = callback
         self.runtime_env = runtime_env
         self.stall_timeout_s = stall_timeout_s
+        self.elastic = elastic  # add an actor for each GPU that joins (up to farm.max_actors)
+        self.max_actors = self.farm.max_actors or len(todo)
+        self.actors_added = 0
+        self._last_grow = 0.0
+        self._requested_gpus = 0
         self.queues: OrderedDict[int, deque[int]] = OrderedDict()
         for i in todo:
             self.queues.setdefault(plan.shards[i].volume_index, deque()).append(i)
@@ -439,6 +445,8 @@ class _Farm:
         import ray
 
         self.slots = [_Slot(i, self._new_actor()) for i in range(self.num_actors)]
+        if not self.slots and self.elastic:
+            return  # GPUs join later: grow() adds their actors
         pings = {}
         for s, v in zip(self.slots, self._first_volumes(), strict=True):
             pings[s.handle.start.remote([] if v is None else [v])] = s
@@ -465,6 +473,9 @@ class _Farm:
 
     def shutdown_actors(self) -> None:
         import ray
+
+        if self._requested_gpus:
+            self.request_gpus(0)  # let the autoscaler scale the GPU workers back down
 
         for s in self.slots:
             with contextlib.suppress(Exception):
@@ -661,12 +672,43 @@ class _Farm:
                     self.queues.setdefault(self.plan.shards[i].volume_index, deque()).appendleft(i)
             self._replace(slot, f"a shard passed its {deadline:.0f} s deadline")
 
+    def grow(self, interval_s: float = 2.0) -> None:
+        """Elastic GPU farms: start an actor for each GPU the cluster has beyond the live actors (GPUs that
+        joined; none at first on a cluster scaling from zero), up to ``farm.max_actors`` and the shards left.
+        Actors on a node that leaves die; their shards are retried elsewhere and Ray restarts them where a
+        GPU is free."""
+        now = time.monotonic()
+        if not self.elastic or now - self._last_grow < interval_s:
+            return
+        if self._last_grow == 0.0 and self.farm.max_actors:
+            self.request_gpus(min(self.farm.max_actors, len(self.remaining)))
+        self._last_grow = now
+        gpus = int(_cluster_resources().get("GPU", 0))
+        live = sum(1 for s in self.slots if s.state in ("ok", "probing"))
+        for _ in range(min(gpus, self.max_actors, len(self.remaining)) - live):
+            slot = _Slot(len(self.slots), self._new_actor())
+            self.slots.append(slot)
+            self.actors_added += 1
+            self._emit("actor_added", {"slot": slot.index, "gpus": gpus})
+
+    def request_gpus(self, n: int) -> None:
+        """Ask the cluster's autoscaler for ``n`` GPUs (0 withdraws the request); a cluster without an
+        autoscaler ignores it."""
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[{"GPU": 1}] * int(n))
+            self._requested_gpus = int(n)
+        except Exception as exc:  # noqa: BLE001 - scaling is best effort; the sweep goes on with what it has
+            print(f"drrfarm: warning: could not ask the autoscaler for {n} GPU(s): {_short(exc)}", file=sys.stderr)
+
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> None:
         import ray
 
         last_progress = time.monotonic()
         while self.remaining:
+            self.grow()
             self.assign()
             waiting: dict[Any, tuple[_Slot, str]] = {}
             for slot in self.slots:
@@ -675,9 +717,9 @@ class _Farm:
                 if slot.probe is not None:
                     waiting[slot.probe] = (slot, "probe")
             if not waiting:
-                if not any(s.state in ("ok", "probing") for s in self.slots):
+                if not self.elastic and not any(s.state in ("ok", "probing") for s in self.slots):
                     raise BackendError("every render actor is dead and the replacement budget is spent")
-                time.sleep(0.2)
+                time.sleep(0.2)  # elastic: waiting for a GPU to join (the stall timeout bounds it)
             else:
                 ready, _ = ray.wait(list(waiting), num_returns=1, timeout=1.0)
                 if ready:
@@ -854,15 +896,19 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
     try:
         res = _cluster_resources()
         gpus = int(res.get("GPU", 0))
-        if spec.backend == "cuda" and gpus == 0:
-            raise BackendError("backend: 'cuda' requested but the Ray cluster has no GPUs")
         use_gpu = spec.backend == "cuda" or (spec.backend == "auto" and gpus > 0)
         actor_backend = spec.backend if spec.backend != "auto" else ("auto" if use_gpu else "cpu")
         if num_actors is None:
             num_actors = spec.farm.actors
+        # without a fixed number, a GPU farm follows the GPUs: an actor per GPU now (none is fine: a
+        # cluster scaling from zero), more as GPUs join, up to farm.max_actors
+        elastic = use_gpu and num_actors is None
         if num_actors is None:
             num_actors = gpus if use_gpu else max(1, int(res.get("CPU", 1) // spec.farm.cpus_per_actor))
-        num_actors = max(1, min(int(num_actors), len(todo)))
+        num_actors = max(0 if elastic else 1, min(int(num_actors), len(todo)))
+        if elastic and num_actors == 0 and progress:
+            print(f"drrfarm: the cluster has no GPU yet; waiting up to {stall_timeout_s:.0f} s for one to join",
+                  file=stream)
         summary.actors = num_actors
         summary.backend = "cuda" if use_gpu and actor_backend != "cpu" else actor_backend
         bar = Progress(plan.n_images, plan.n_images - sum(plan.shards[i].n_images for i in todo), enabled=progress,
@@ -872,7 +918,7 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
                   f"({plan.images_in({plan.shards[i].shard_id for i in todo})} images) on {num_actors} "
                   f"{summary.backend} actor(s) -> {spec.output.url}", file=stream)
         farm = _Farm(plan, todo, run_id, num_actors, use_gpu, actor_backend, bar, tracker, callback, runtime_env,
-                     stall_timeout_s)
+                     stall_timeout_s, elastic=elastic)
         farm.start_actors()
         tags = {}
         for slot in farm.slots:
@@ -905,6 +951,8 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
             summary.actor_errors = farm.actor_errors
             summary.actors_replaced = farm.actors_replaced
             summary.timeouts = farm.timeouts
+            summary.actors_added = farm.actors_added
+            summary.actors = len(farm.slots)
             summary.shards_rendered = len(farm.done)
             summary.rendered_shards = sorted(farm.done)
             summary.images_rendered = farm.images_rendered

@@ -352,6 +352,7 @@ class FarmSpec:
     cpus_per_gpu: float | None = None
     shard_timeout_s: float | None = None  # None: derived from the shards measured (drrfarm.farm.driver)
     shard_timeout_floor_s: float = 300.0  # the derived deadline never goes below this
+    max_actors: int | None = None  # GPU farms without ``actors``: at most this many (None: the shards left)
 
     def inflight(self, use_gpu: bool, encode_threads: int) -> int:
         """Shards in flight per actor: the setting, or its default (see the class docstring)."""
@@ -1173,7 +1174,7 @@ class _Validator:
     def farm(self, value: Any, path: str) -> FarmSpec:
         m = self.mapping(value, path, ["actors", "cpus_per_actor", "max_shard_retries", "inflight_per_actor",
                                        "max_actor_restarts", "cpus_per_gpu", "shard_timeout_s",
-                                       "shard_timeout_floor_s"])
+                                       "shard_timeout_floor_s", "max_actors"])
         d = FarmSpec()
         actors = m.get("actors")
         actors = self.integer(actors, _join(path, "actors"), lo=1, hi=100_000) if actors is not None else None
@@ -1196,7 +1197,11 @@ class _Validator:
                             _join(path, "shard_timeout_floor_s"), lo=0.0, lo_open=True, hi=7 * 86400.0)
         return FarmSpec(actors=actors, cpus_per_actor=cpus, max_shard_retries=retries,
                         inflight_per_actor=inflight, max_actor_restarts=restarts, cpus_per_gpu=per_gpu,
-                        shard_timeout_s=timeout, shard_timeout_floor_s=floor)
+                        shard_timeout_s=timeout, shard_timeout_floor_s=floor,
+                        max_actors=self._optional_count(m.get("max_actors"), _join(path, "max_actors")))
+
+    def _optional_count(self, value: Any, path: str) -> int | None:
+        return None if value is None else self.integer(value, path, lo=1, hi=100_000)
 
 
 def _axis_min(a: AxisSpec) -> float | None:
