@@ -68,3 +68,37 @@ def test_gpu_nodes_join_and_leave_mid_sweep(gpu_cluster: Any, tmp_path: Path) ->
     assert summary.actors_added >= 1 and "actor_added" in state["events"]
     assert state["removed"] is not None and len(state["nodes"]) == 2  # both GPU nodes rendered
     assert_exactly_once(spec_path, str(out))
+
+
+def test_an_elastic_farm_follows_the_cluster_gpus_from_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU at start: no actor and no error; GPUs join: one actor each, up to farm.max_actors; the driver asks
+    the autoscaler for farm.max_actors GPUs once and withdraws the request at the end."""
+    from drrfarm.farm import driver
+    from drrfarm.farm.plan import make_plan
+    from drrfarm.farm.spec import load_spec
+
+    write_phantom(tmp_path / "a.nii.gz")
+    write_phantom(tmp_path / "b.nii.gz")
+    spec = load_spec(write_spec(tmp_path / "s.yaml", base_spec(tmp_path, tmp_path / "o", backend="cuda",
+                                                               farm={"max_actors": 3, "cpus_per_gpu": 4})))
+    plan = make_plan(spec)
+    gpus = {"n": 0}
+    requests: list[int] = []
+    monkeypatch.setattr(driver, "_cluster_resources", lambda: {"GPU": float(gpus["n"]), "CPU": 8.0})
+    monkeypatch.setattr(driver._Farm, "_new_actor", lambda self: object())
+    monkeypatch.setattr(driver._Farm, "request_gpus", lambda self, n: requests.append(n))
+    farm = driver._Farm(plan, [s.index for s in plan.shards], None, 0, True, "cuda",
+                        driver.Progress(1, 0, enabled=False), None, None, None, 60.0, elastic=True)
+    farm.start_actors()
+    assert farm.slots == []
+    farm.grow(interval_s=0.0)
+    assert farm.slots == [] and requests == [3]
+    gpus["n"] = 2
+    farm.grow(interval_s=0.0)
+    assert len(farm.slots) == 2 and farm.actors_added == 2
+    gpus["n"] = 8  # more GPUs than the cap
+    farm.grow(interval_s=0.0)
+    assert len(farm.slots) == 3 and requests == [3]
+    farm.slots[0].state = "dead"  # an actor lost for good: the GPUs left start a new one
+    farm.grow(interval_s=0.0)
+    assert len(farm.slots) == 4 and sum(s.state == "ok" for s in farm.slots) == 3
