@@ -637,7 +637,7 @@ class _Farm:
         with contextlib.suppress(Exception):
             ray.kill(slot.handle, no_restart=True)
         slot.volumes = set()
-        if self.actors_replaced < self.replace_budget:
+        if self.actors_replaced < max(self.replace_budget, 2 * len(self.slots)):  # elastic farms grow it
             self.actors_replaced += 1
             slot.handle = self._new_actor()
             slot.state = "ok"
