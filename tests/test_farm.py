@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,22 +113,28 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A local multi-node Ray cluster: head (0 CPUs) + two 1-CPU worker nodes, loopback only."""
+def local_cluster(*workers: dict[str, Any]) -> Iterator[Any]:
+    """A local multi-node Ray cluster on the loopback interface: a head with no CPUs or GPUs (it runs only the
+    driver) and one worker node per ``workers`` entry (``add_node`` arguments); connected while it lives."""
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
-    c = Cluster(initialize_head=True,
-                head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    for _ in range(2):
-        c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "node_ip_address": "127.0.0.1",
+                                                      "include_dashboard": False})
+    for args in workers:
+        c.add_node(node_ip_address="127.0.0.1", **args)
     c.wait_for_nodes()
     ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """Head + two 1-CPU worker nodes."""
+    yield from local_cluster({"num_cpus": 1}, {"num_cpus": 1})
 
 
 # --------------------------------------------------------------------------------------------- no Ray

@@ -7,29 +7,18 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_farm import assert_exactly_once, base_spec, write_phantom, write_spec
+from test_farm import assert_exactly_once, base_spec, local_cluster, write_phantom, write_spec
 
 
 @pytest.fixture()
-def gpu_cluster():
-    """Head (no CPUs, no GPUs: it only runs the driver) and one worker node with 1 CPU and 1 GPU."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    c = Cluster(initialize_head=True,
-                head_node_args={"num_cpus": 0, "num_gpus": 0, "node_ip_address": "127.0.0.1",
-                                "include_dashboard": False})
-    c.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
-    c.wait_for_nodes()
-    ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+def gpu_cluster() -> Iterator[Any]:
+    """Head (the driver only) and one worker node with 1 CPU and 1 GPU."""
+    yield from local_cluster({"num_cpus": 1, "num_gpus": 1})
 
 
 def test_gpu_nodes_join_and_leave_mid_sweep(gpu_cluster: Any, tmp_path: Path) -> None:
