@@ -1176,8 +1176,7 @@ class _Validator:
                                        "max_actor_restarts", "cpus_per_gpu", "shard_timeout_s",
                                        "shard_timeout_floor_s", "max_actors"])
         d = FarmSpec()
-        actors = m.get("actors")
-        actors = self.integer(actors, _join(path, "actors"), lo=1, hi=100_000) if actors is not None else None
+        actors = self._optional_count(m.get("actors"), _join(path, "actors"))
         cpus = self.number(m.get("cpus_per_actor", d.cpus_per_actor), _join(path, "cpus_per_actor"), lo=0.0,
                            lo_open=True, hi=1024)
         retries = self.integer(m.get("max_shard_retries", d.max_shard_retries), _join(path, "max_shard_retries"),

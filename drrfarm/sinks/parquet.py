@@ -160,9 +160,14 @@ def _zstd():
     return pa.Codec("zstd", compression_level=IMAGE_ZSTD_LEVEL)
 
 
+def _compressed(image: np.ndarray):
+    """One (H, W) uint16 image in the ``zstd-delta`` codec, in zstd's own output buffer (a pyarrow Buffer)."""
+    return _zstd().compress(delta_planes(image), asbytes=False)
+
+
 def encode_image(image: np.ndarray) -> bytes:
     """One (H, W) uint16 image in the ``zstd-delta`` codec."""
-    return _zstd().compress(delta_planes(image), asbytes=True)
+    return _compressed(image).to_pybytes()
 
 
 def _encode_cell(image: np.ndarray):
@@ -170,7 +175,7 @@ def _encode_cell(image: np.ndarray):
     (no copy, so a thread holds the GIL only for bookkeeping)."""
     import pyarrow as pa
 
-    buf = _zstd().compress(delta_planes(image), asbytes=False)
+    buf = _compressed(image)
     offsets = pa.py_buffer(np.array([0, buf.size], np.int64))
     return pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, buf])
 
