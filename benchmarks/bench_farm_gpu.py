@@ -170,6 +170,7 @@ def stored_equals_gpu(url: str, shard_id: str, spec: Any) -> bool | None:
     from drrfarm.farm.plan import make_plan
     from drrfarm.farm.worker import RenderWorker
     from drrfarm.sinks import read_shard
+    from drrfarm.sinks.parquet import DeltaPlanes
 
     if spec.output.image_dtype != "uint16" or "parquet" not in spec.output.formats:
         return None
@@ -179,7 +180,8 @@ def stored_equals_gpu(url: str, shard_id: str, spec: Any) -> bool | None:
     worker = RenderWorker(spec, backend="cuda", warm_up=False)
     shard = worker._render(plan.task(plan.shard(shard_id).index))
     try:
-        return bool(np.array_equal(stored, shard.images))
+        images = shard.images.images() if isinstance(shard.images, DeltaPlanes) else shard.images
+        return bool(np.array_equal(stored, images))
     finally:
         shard.done()
         worker.close()

@@ -475,15 +475,22 @@ def test_zstd_delta_codec_round_trips_every_value() -> None:
     back, read_rows, meta = read_shard(encode_parquet(shard, rows, {}))
     np.testing.assert_array_equal(back, shard)
     assert meta["drrfarm.image_encoding"] == "zstd-delta" and {r["image_codec"] for r in read_rows} == {"zstd-delta"}
+    back, read_rows, meta = read_shard(encode_parquet(shard, rows, {}, image_codec="delta-planes"))
+    np.testing.assert_array_equal(back, shard)
+    assert meta["drrfarm.image_encoding"] == "delta-planes"
+    assert {r["image_codec"] for r in read_rows} == {"delta-planes"}
+    with pytest.raises(StorageError, match="uint16 only"):
+        encode_parquet(shard.astype(np.float32), rows, {}, image_codec="delta-planes")
     raw, raw_rows, _ = read_shard(encode_parquet(shard, rows, {}, image_codec="raw"))
     np.testing.assert_array_equal(raw, shard)
     assert {r["image_codec"] for r in raw_rows} == {"raw"}
-    table = pq.read_table(pa.BufferReader(bytes(encode_parquet(shard, rows, {}))))
-    cells = table.column("image").to_pylist()
-    cells[1] = cells[1][:-7]
-    broken = table.set_column(table.schema.get_field_index("image"), "image", pa.array(cells, pa.large_binary()))
-    with pytest.raises(StorageError, match="row 1"):
-        decode_images(broken)
+    for codec in ("zstd-delta", "delta-planes"):
+        table = pq.read_table(pa.BufferReader(bytes(encode_parquet(shard, rows, {}, image_codec=codec))))
+        cells = table.column("image").to_pylist()
+        cells[1] = cells[1][:-7]
+        broken = table.set_column(table.schema.get_field_index("image"), "image", pa.array(cells, pa.large_binary()))
+        with pytest.raises(StorageError, match="row 1"):
+            decode_images(broken)
 
 
 def test_shards_without_a_codec_column_still_decode() -> None:
@@ -495,3 +502,36 @@ def test_shards_without_a_codec_column_still_decode() -> None:
     table = pq.read_table(pa.BufferReader(bytes(encode_parquet(shard, rows, {}, image_codec="raw"))))
     old = table.drop_columns(["image_codec"])
     np.testing.assert_array_equal(decode_images(old), shard)
+
+
+def test_images_given_as_delta_planes_store_the_same_bytes(tmp_path) -> None:
+    """A GPU worker hands the sink the delta transform (DeltaPlanes) instead of pixels: the Parquet file is
+    byte for byte the one made from the images; outputs that need pixels (PNG, raw codec) get them back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from drrfarm.sinks.parquet import DeltaPlanes, delta_planes, encode_parquet
+
+    rng = np.random.default_rng(3)
+    shard = rng.integers(0, 65536, (5, 12, 10), dtype=np.uint16)
+    shard[2] = 7  # flat rows: differences of zero
+    planes = DeltaPlanes(np.stack([delta_planes(im) for im in shard]), 12, 10)
+    assert planes.shape == shard.shape and len(planes) == 5
+    np.testing.assert_array_equal(planes.images(), shard)
+    rows = [{"image_index": i} for i in range(5)]
+    with ThreadPoolExecutor(3) as pool:
+        assert bytes(encode_parquet(planes, rows, {}, executor=pool)) == bytes(encode_parquet(shard, rows, {}))
+    assert bytes(encode_parquet(planes, rows, {}, image_codec="raw")) == \
+        bytes(encode_parquet(shard, rows, {}, image_codec="raw"))
+    for formats in (("parquet",), ("parquet", "png")):
+        sink = ShardSink(str(tmp_path / "-".join(formats)), formats=formats)
+        a, entry_a = sink.prepare("s1", planes, [dict(r) for r in rows], {}, image_scale=1e-3)
+        b, entry_b = sink.prepare("s1", shard, [dict(r) for r in rows], {}, image_scale=1e-3)
+        assert {k: bytes(v) for k, v in a.items()} == {k: bytes(v) for k, v in b.items()}
+        assert entry_a.sha256 == entry_b.sha256
+    with pytest.raises(StorageError, match="delta planes"):
+        DeltaPlanes(np.zeros((2, 100), np.uint8), 12, 10)
+    with pytest.raises(StorageError, match="delta planes"):
+        DeltaPlanes(np.zeros((2, 240), np.uint16), 12, 10)
+    for codec in ("zstd-delta", "delta-planes"):  # the GPU's transform and the CPU's make the same file
+        assert bytes(encode_parquet(planes, rows, {}, image_codec=codec)) == \
+            bytes(encode_parquet(shard, rows, {}, image_codec=codec))

@@ -12,12 +12,13 @@ thread, so one renders while the others are encoded and written):
 2. render. CUDA backend: the batch is enqueued (``render_async``) into a slot of the actor's
    :class:`~drrfarm.render.cuda.ImageRing` -- reusable GPU + page-locked buffers, quantised to the
    stored dtype on the GPU (uint16: bit for bit what the CPU quantiser makes of the float render), so
-   half the bytes cross the bus and nothing is allocated per shard -- and the thread waits on the
-   batch's event while other threads enqueue the next shards: the GPU always has work queued. CPU
-   backend (and shards with tools): ``Backend.render`` under a lock, float32;
-3. encode (:meth:`~drrfarm.sinks.ShardSink.prepare`: each image coded on the actor's encoder pool --
-   Parquet ``zstd-delta`` cells or PNGs; numpy, zstd and zlib release the GIL, so a shard is coded on
-   the cores the actor reserved);
+   half the bytes cross the bus and nothing is allocated per shard; for uint16 Parquet the GPU also
+   makes the codec's delta transform (:class:`~drrfarm.sinks.parquet.DeltaPlanes`) -- and the thread
+   sleeps on the batch's event while other threads enqueue the next shards: the GPU always has work
+   queued. CPU backend (and shards with tools): ``Backend.render`` under a lock, float32;
+3. encode (:meth:`~drrfarm.sinks.ShardSink.prepare`: a shard's images coded on the actor's encoder
+   pool, a few per task -- zstd of the GPU's delta planes for Parquet, PNGs otherwise; zstd and zlib
+   release the GIL, so a shard is coded on the cores the actor reserved);
    the ring slot is released as soon as the bytes are encoded;
 4. commit (:meth:`~drrfarm.sinks.ShardSink.commit`): files, then the manifest entry. ``render_shard``
    returns once the shard is committed, with where its time went (``render_s``, ``copy_s``,
@@ -48,6 +49,7 @@ import drrfarm
 from drrfarm.errors import BackendError, DrrfarmError, StorageError
 from drrfarm.farm.plan import Pose, ShardTask
 from drrfarm.farm.spec import SpectrumItem, SweepSpec, VolumeSpec
+from drrfarm.sinks.parquet import DeltaPlanes
 
 
 def resolve_input(path: str, relpath: str | None = None) -> str:
@@ -228,9 +230,10 @@ class _Resident:
 @dataclass
 class RenderedShard:
     """A shard's images on the host, ready to encode: ``images`` (B, H, W) in the stored dtype (uint16
-    with ``image_scale``) or float32; ``release`` gives their buffer back once they are encoded."""
+    with ``image_scale``, possibly as :class:`~drrfarm.sinks.parquet.DeltaPlanes`) or float32; ``release``
+    gives their buffer back once they are encoded."""
 
-    images: np.ndarray
+    images: np.ndarray | DeltaPlanes
     rows: list[dict[str, Any]]
     info: dict[str, Any]
     image_scale: float | None = None
@@ -444,6 +447,12 @@ class RenderWorker:
             return stored
         return "float32"
 
+    def _sink_takes_planes(self) -> bool:
+        """Whether the sink stores uint16 Parquet (its delta codecs) and nothing else, so the GPU can hand it
+        the codec's transform (:class:`~drrfarm.sinks.parquet.DeltaPlanes`) instead of pixels."""
+        sink = self.sink
+        return sink.formats == ("parquet",) and sink.image_dtype == "uint16" and sink.parquet_compression == "zstd"
+
     # -- work --------------------------------------------------------------------------------------
     def render_images(self, task: ShardTask) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         """Render one shard's images: ``(images (B,H,W) float32, rows, info)`` (no writing)."""
@@ -479,11 +488,13 @@ class RenderWorker:
                 tallies = backend.scatter_tallies(handle, cameras, [spectrum] * len(cameras), physics,
                                                   list(task.seeds))
             slot = self._ring.acquire((len(cameras), cameras[0].height, cameras[0].width), dtype)
+            planes = dtype == "uint16" and self._sink_takes_planes()
             try:
-                out, host = slot.views(len(cameras))
+                out, host = slot.plane_views(len(cameras)) if planes else slot.views(len(cameras))
                 t2 = time.perf_counter()
                 job = backend.render_async(handle, cameras, spectrum, physics, list(task.seeds), dtype=dtype,
-                                           out=out, host_out=host, scatter=tallies)
+                                           out=out, host_out=host, scatter=tallies,
+                                           host_layout="delta_planes" if planes else "images")
                 job.wait()
                 seconds.update(job.gpu_seconds())
                 seconds["ring_wait_s"] = t2 - t1
@@ -491,7 +502,7 @@ class RenderWorker:
             except BaseException:
                 self._ring.release(slot)
                 raise
-            images = host
+            images = DeltaPlanes(host, cameras[0].height, cameras[0].width) if planes else host
             ring = self._ring
             release = lambda: ring.release(slot)  # noqa: E731
         else:

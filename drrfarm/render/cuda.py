@@ -63,6 +63,7 @@ from drrfarm.render.mesh_reference import pack_cameras, pack_poses, widen_channe
 
 OUTPUT_CODES = {"line_integral": 0, "transmission": 1, "intensity": 2, "neglog": 3}
 DTYPE_CODES = {"float32": 0, "float16": 1, "uint16": 2}
+HOST_LAYOUTS = ("images", "delta_planes")  # what render_async copies to the host
 SPLIT_CHUNK_PIXELS = 16 << 20  # pixels per chunk of the split pipeline (48 B of ray record each)
 SCRATCH_STREAMS = 4  # streams whose scratch buffers are kept
 MESH_MAX_HITS = 64  # MESH_MAX_HITS in mesh.cu
@@ -94,6 +95,12 @@ def free_in_context(device_index: int, allocation: Any) -> None:
     gpu = GpuDevice.get(device_index)
     with gpu.context():
         allocation.free()
+
+
+def blocking_event() -> Any:
+    """A CUDA event whose ``synchronize`` sleeps: with one context on a many-core host CUDA's default is to
+    spin, and every thread waiting for a render would burn a core the encoders need."""
+    return drv.Event(drv.event_flags.BLOCKING_SYNC)
 
 
 def pagelocked(shape: tuple[int, ...], dtype: Any, device_index: int) -> np.ndarray:
@@ -143,8 +150,10 @@ class DeviceImages:
         return torch.as_tensor(self, device=f"cuda:{self.device_index}")
 
     def to_numpy(self) -> np.ndarray:
+        """A host copy (waits for the work queued before it on the default stream)."""
         out = np.empty(self.shape, dtype=self.dtype)
-        drv.memcpy_dtoh(out, self.ptr)
+        with GpuDevice.get(self.device_index).context():
+            drv.memcpy_dtoh(out, self.ptr)
         return out
 
 
@@ -245,6 +254,11 @@ class ImageSlot:
         dev = self.device if n == self.shape[0] else DeviceImages(
             (n, *self.shape[1:]), self.dtype, self.device.device_index, ptr=self.device.ptr, owner=self.device)
         return dev, self.host[:n]
+
+    def plane_views(self, n: int) -> tuple[DeviceImages, np.ndarray]:
+        """As :meth:`views`, with ``host_out`` for ``host_layout="delta_planes"``: (n, 2·H·W) uint8 (uint16 slots)."""
+        dev, host = self.views(n)
+        return dev, host.reshape(n, -1).view(np.uint8)
 
 
 class ImageRing:
@@ -650,9 +664,10 @@ class CudaBackend:
                 spectra: Any = None, seeds: Sequence[int] | None = None, dtype: str = "float32",
                 to_host: bool = True, out: Any = None, host_out: np.ndarray | None = None,
                 stream: Any = None, meshes: Sequence[Sequence[Any]] | None = None,
-                scatter: np.ndarray | None = None) -> RenderJob:
+                scatter: np.ndarray | None = None, host_layout: str = "images") -> RenderJob:
         """One launch. ``meshes``: one list per camera, all of one scene (same meshes, own poses);
-        ``scatter``: (B, 2, H_t, W_t) scatter signal and counts tallies added before the noise (mode 1)."""
+        ``scatter``: (B, 2, H_t, W_t) scatter signal and counts tallies added before the noise (mode 1);
+        ``host_layout``: see :meth:`CudaBackend.render_async`."""
         B = len(cameras)
         if B == 0:
             raise BackendError("cameras: need at least one camera")
@@ -707,6 +722,13 @@ class CudaBackend:
         info[:, 3] = principal.astype(np.uint32)
         if dtype not in DTYPE_CODES:
             raise BackendError(f"dtype: choose one of {sorted(DTYPE_CODES)}, got {dtype!r}")
+        if host_layout not in HOST_LAYOUTS:
+            raise BackendError(f"host_layout: choose one of {list(HOST_LAYOUTS)}, got {host_layout!r}")
+        planes = host_layout == "delta_planes"
+        if planes and (mode != 1 or dtype != "uint16" or not to_host):
+            raise BackendError("host_layout 'delta_planes' needs uint16 images copied to the host")
+        host_shape = (B, 2 * H * W) if planes else out_shape
+        host_dtype = np.dtype(np.uint8) if planes else out_dtype
 
         params = np.zeros((), dtype=_PARAMS_DTYPE)
         with self._lock:
@@ -792,16 +814,24 @@ class CudaBackend:
                     n = B * H * W
                     self._fn("drr_neglog_finish")(params[()], block=(256, 1, 1),
                                                   grid=(max(1, min(65535, (n + 255) // 256)), 1), stream=stream)
+                source = images.ptr
+                if planes:
+                    source = self._buffer(stream, "delta_planes", B * H * W * 2)
+                    n = B * H * W
+                    self._fn("delta_planes_u16")(np.uintp(images.ptr), source, np.int32(B), np.int32(H), np.int32(W),
+                                                 block=(256, 1, 1), grid=(max(1, min(65535, (n + 255) // 256)), 1),
+                                                 stream=stream)
                 rendered = drv.Event()
                 rendered.record(stream)
                 host_arr = None
                 if to_host:
-                    host_arr = host_out if host_out is not None else pagelocked(out_shape, out_dtype, self.device_index)
-                    if host_arr.shape != out_shape or host_arr.dtype != out_dtype:
-                        raise BackendError(f"host_out: expected {out_shape} {out_dtype}, got "
+                    host_arr = host_out if host_out is not None else \
+                        pagelocked(host_shape, host_dtype, self.device_index)
+                    if host_arr.shape != host_shape or host_arr.dtype != host_dtype:
+                        raise BackendError(f"host_out: expected {host_shape} {host_dtype}, got "
                                            f"{host_arr.shape} {host_arr.dtype}")
-                    drv.memcpy_dtoh_async(host_arr, images.ptr, stream)
-                event = drv.Event()
+                    drv.memcpy_dtoh_async(host_arr, source, stream)
+                event = blocking_event()
                 event.record(stream)
                 slot[3] = event
         return RenderJob(self._gpu, images, host_arr, event, scale, keep, mesh_overflow, started, rendered)
@@ -906,8 +936,8 @@ class CudaBackend:
     def render_async(self, handle: CudaVolume, cameras: Sequence[Any], spectrum: Any, physics: phys.Physics,
                      seeds: Sequence[int], *, dtype: str = "float32", to_host: bool = True, out: Any = None,
                      host_out: np.ndarray | None = None, stream: Any = None,
-                     meshes: Sequence[Sequence[Any]] | None = None, scatter: np.ndarray | None = None
-                     ) -> RenderJob:
+                     meshes: Sequence[Sequence[Any]] | None = None, scatter: np.ndarray | None = None,
+                     host_layout: str = "images") -> RenderJob:
         """Enqueue one batch; returns at once.
 
         ``spectrum``: a :class:`~drrfarm.spectrum.Spectrum` or precomputed
@@ -918,11 +948,14 @@ class CudaBackend:
         a pinned array (from :meth:`pinned`). ``to_host=False`` keeps the images on the GPU only.
         ``meshes``: one list per camera, all of one scene (the same meshes, each image its own poses).
         ``scatter``: (B, 2, H_t, W_t) float32 scatter signal and counts tallies (:meth:`scatter_tallies`),
-        interpolated to the detector and added before the noise.
+        interpolated to the detector and added before the noise. ``host_layout``: ``images`` -- the host
+        copy is the (B, H, W) images; ``delta_planes`` (uint16 only) -- the host copy is (B, 2·H·W) uint8, each
+        image in the Parquet delta codecs' transform (:func:`drrfarm.sinks.parquet.delta_planes`, made on
+        the GPU so the CPU only compresses), while ``out`` holds the images.
         """
         return self._launch(handle, cameras, physics, mode=1, spectra=spectrum, seeds=seeds, dtype=dtype,
                             to_host=to_host, out=out, host_out=host_out, stream=stream,
-                            meshes=meshes_per_image(meshes, len(cameras)), scatter=scatter)
+                            meshes=meshes_per_image(meshes, len(cameras)), scatter=scatter, host_layout=host_layout)
 
     def render(self, handle: CudaVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
                seeds: list[int], meshes: Any = None) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import pycuda.driver as drv
 
 from drrfarm.errors import BackendError
-from drrfarm.render.cuda import GpuDevice
+from drrfarm.render.cuda import GpuDevice, blocking_event
 from drrfarm.render.cuda_build import load_kernel_image
 from drrfarm.scatter.reference import ScatterTally, ScatterVolume, default_tally_shape
 from drrfarm.scatter.tables import TransportTables
@@ -146,7 +146,7 @@ class CudaScatter:
             p["H"], p["W"], p["Ht"], p["Wt"] = H, W, Ht, Wt
             p["solid_angle"], p["signal_per_photon"], p["n_img"] = int(solid_angle), int(tables.signal_per_photon), B
             blocks = max(1, min((photons + BLOCK - 1) // BLOCK, self.sm_count * 16))
-            start, end = drv.Event(), drv.Event()
+            start, end = drv.Event(), blocking_event()
             start.record()
             self._kernel(p[()], block=(BLOCK, 1, 1), grid=(blocks, B, 1))
             end.record()

@@ -29,6 +29,7 @@ from drrfarm.errors import DrrfarmError, StorageError
 from drrfarm.sinks import manifest as _manifest
 from drrfarm.sinks.annotations import parquet_cells, png_files, split_pixel_fields
 from drrfarm.sinks.manifest import ShardEntry
+from drrfarm.sinks.parquet import DeltaPlanes
 from drrfarm.sinks.store import Store, check_shard_id, open_store
 
 log = logging.getLogger("drrfarm.sinks")
@@ -146,7 +147,7 @@ class ShardSink:
     def prepare(
         self,
         shard_id: str,
-        images: np.ndarray,
+        images: np.ndarray | DeltaPlanes,
         rows: Sequence[Mapping[str, Any]],
         file_metadata: Mapping[str, Any] | None = None,
         image_scale: Any = None,
@@ -154,14 +155,21 @@ class ShardSink:
     ) -> tuple[dict[str, bytes | memoryview], ShardEntry]:
         """Encode a shard in memory: ({key: bytes}, the entry to commit). No I/O.
 
-        ``executor``: codes the images (Parquet ``zstd-delta`` cells, PNGs) in parallel -- numpy, zstd and
+        ``images``: as :meth:`write_shard`, or uint16 images as :class:`~drrfarm.sinks.parquet.DeltaPlanes`
+        (same bytes; only zstd left to run when the shard is uint16 Parquet alone).
+
+        ``executor``: codes the images (PNGs, Parquet ``zstd-delta`` cells) in parallel -- numpy, zstd and
         zlib release the GIL; the bytes are the same."""
         from drrfarm import __version__
         from drrfarm.sinks.parquet import VECTOR_LENGTHS, encode_parquet
         from drrfarm.sinks.png import encode_png16, png_keys, sidecar_json
 
         check_shard_id(shard_id)
-        images = np.asarray(images)
+        if isinstance(images, DeltaPlanes) and (self.formats != ("parquet",) or self.image_dtype != "uint16"
+                                                 or self.parquet_compression != "zstd"):
+            images = images.images()  # another output needs the pixels
+        if not isinstance(images, DeltaPlanes):
+            images = np.asarray(images)
         if images.ndim == 2:
             images = images[None]
         if images.ndim != 3 or images.shape[0] == 0:

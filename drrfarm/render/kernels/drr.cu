@@ -771,6 +771,23 @@ MESH_CT_KERNELS(4, 2)
 
 // ------------------------------------------------------------------------------------- neglog pass 2
 
+// The zstd-delta codec's transform (drrfarm.sinks.parquet.delta_planes) of B (H, W) uint16 images, on the GPU
+// so a farm's encoders only run zstd: each row minus the row above (modulo 2^16; row 0 as is), then the
+// image's high bytes followed by its low bytes: planes[b][0][k] = high byte, planes[b][1][k] = low byte.
+extern "C" __global__ void delta_planes_u16(const u16* __restrict__ img, unsigned char* __restrict__ planes, int B,
+                                            int H, int W) {
+    const long long n = (long long)H * W, total = n * B;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long b = i / n, k = i - b * n;
+        u16 v = img[i];
+        if (k >= W) v = (u16)(v - img[i - W]);
+        unsigned char* out = planes + 2 * n * b;
+        out[k] = (unsigned char)(v >> 8);
+        out[n + k] = (unsigned char)(v & 0xFF);
+    }
+}
+
 extern "C" __global__ void drr_minmax_init(u32* minmax, int B) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < B) {
