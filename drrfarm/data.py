@@ -7,18 +7,32 @@ invisible. Parquet decoding is the sinks' own (:func:`drrfarm.sinks.decode_image
 
 Ray Data::
 
-    from drrfarm.data import read_drrs, split_by_volume
+    from drrfarm.data import read_drrs, split_by_volume, to_float_line_integrals
 
     ds = read_drrs("./drrfarm-demo", filter={"kvp": [120.0]})      # ray.data.Dataset
-    for batch in ds.iter_torch_batches(batch_size=32):
+    for batch in ds.iter_torch_batches(batch_size=32, device="cuda", prefetch_batches=4):
         batch["image"]        # (B, H, W) torch.uint16 (stored dtype), or float32 with float_line_integral=True
         batch["alpha_deg"]    # (B,) float64;  batch["P"]: (B, 3, 4) float64 ...
+        x = to_float_line_integrals(batch)    # (B, H, W) float32 = uint16 x image_scale, made on the GPU
     train, val = split_by_volume("s3://bucket/run1", val_fraction=0.2, seed=0)   # by patient
+
+Without storage: :func:`stream_drrs` (:mod:`drrfarm.farm.stream`) renders a sweep spec on the fly into the
+same rows, image for image, as ``read_drrs`` reads from its stored sweep (``stream_split_by_volume``: by
+patient, as :func:`split_by_volume`).
 
 Plain PyTorch (no Ray; pyarrow only): :class:`DrrTorchDataset` (map-style, random access with a
 small row-group cache; use :meth:`DrrTorchDataset.sampler` to shuffle cheaply) and
 :class:`DrrIterableDataset` (streams row groups; splits them across DataLoader workers and
-distributed ranks).
+distributed ranks; with ``batch_size`` it yields ready batches: ``DrrIterableDataset(url, batch_size=64,
+shuffle=True).loader()``).
+
+Speed: images are decoded where the data is read -- in Ray Data's read tasks (one per file, or per row group
+when files are fewer than twice the cluster's CPUs: :func:`plan_read_tasks`), in the DataLoader workers --
+straight from the Parquet cells into the output arrays (zstd and the delta transform without the GIL,
+:mod:`drrfarm.sinks.parquet`), so decoding uses every core and the training process only slices ready
+(B, H, W) arrays. Keep the stored uint16 up to the GPU and make floats there with
+:func:`to_float_line_integrals`: half the bytes of float32 through Ray's object store, the loader and PCIe.
+Measurements: ``benchmarks/bench_loader.py`` and ``benchmarks/RESULTS.md``.
 
 Row layout produced by every reader (one row = one image):
 
@@ -48,6 +62,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from drrfarm.errors import StorageError
+from drrfarm.farm.stream import stream_drrs, stream_info, stream_metadata, stream_split_by_volume
 from drrfarm.sinks.parquet import IMAGE_CODEC_COLUMN
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -237,12 +253,16 @@ def _is_arrow_expression(obj: Any) -> bool:
 
 
 def _prune_entries(manifest: Manifest, flts: Sequence[Mapping[str, list[Any]]]) -> list[Any]:
-    """Manifest entries that can hold rows passing every dict filter on ``volume_id`` (others skipped)."""
+    """Manifest entries that can hold rows passing every dict filter on ``volume_id`` / ``shard_id`` (others
+    skipped: their files are never opened)."""
     entries = list(manifest.values())
     for flt in flts:
         if "volume_id" in flt:
             want = {str(v) for v in flt["volume_id"]}
             entries = [e for e in entries if not e.volume_ids or want.intersection(e.volume_ids)]
+        if "shard_id" in flt:
+            shards = {str(v) for v in flt["shard_id"]}
+            entries = [e for e in entries if e.shard_id in shards]
     return entries
 
 
@@ -358,6 +378,39 @@ def decode_table(table: Any, columns: Sequence[str], *, float_line_integral: boo
     return out
 
 
+def to_float_line_integrals(batch: Mapping[str, Any], device: Any = None, *, non_blocking: bool = True) -> Any:
+    """float32 values ``stored * image_scale`` (line integrals for the default ``output: line_integral``) of a
+    batch's images, computed on ``device`` (default: where the image already is).
+
+    ``batch``: a batch of :func:`read_drrs` (``iter_torch_batches``, images in the stored dtype) or of the torch
+    datasets, with ``image`` (B, H, W) and ``image_scale`` (B,) -- tensors or numpy arrays; a list of images
+    (datasets mixing shapes) gives a list. Only the stored uint16 and the scales cross to the device and the
+    multiply happens there: half the bytes of float32 through Ray's object store, the driver and PCIe, and no
+    float pass on the CPU. Bit for bit the CPU's ``float_line_integral=True`` values (one float32 multiply);
+    a null (NaN) scale counts as 1, float-stored images are only cast.
+    """
+    import torch
+
+    if "image_scale" not in batch:
+        raise StorageError("to_float_line_integrals: the batch has no 'image_scale' column; read it with the "
+                           "default columns or name 'image_scale' in columns")
+    img, scale = batch[IMAGE], batch["image_scale"]
+    scale = torch.as_tensor(np.asarray(scale, np.float64)) if not isinstance(scale, torch.Tensor) else scale
+    if isinstance(img, list | tuple) or (isinstance(img, np.ndarray) and img.dtype == object):
+        return [to_float_line_integrals({IMAGE: im[None], "image_scale": scale[i : i + 1]}, device,
+                                        non_blocking=non_blocking)[0] for i, im in enumerate(img)]
+    img = torch.from_numpy(np.ascontiguousarray(img)) if isinstance(img, np.ndarray) else img
+    if device is not None:
+        img = img.to(device, non_blocking=non_blocking)
+    scale = scale.to(img.device, non_blocking=non_blocking).to(torch.float32)
+    scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
+    if img.dtype == torch.uint16:  # through int16/int32: kernels for uint16 are few on some torch builds
+        x = img.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32)
+    else:
+        x = img.to(torch.float32)
+    return x.mul_(scale.reshape(-1, *([1] * (x.ndim - 1))))
+
+
 def decode_pixel_column(table: Any, name: str) -> np.ndarray:
     """``masks`` (B, L, H, W) bool or ``thickness_mm`` (B, L, H, W) float32 of a shard table."""
     from drrfarm.sinks.annotations import decode_pixel_column as decode
@@ -376,23 +429,49 @@ def read_columns(columns: Sequence[str], schema_names: Sequence[str] = ()) -> li
     return list(dict.fromkeys([IMAGE, *DECODE_COLUMNS, *codec, *deps, *columns]))
 
 
-class _RayDecoder:
-    """map_batches function of :func:`read_drrs` (a plain picklable object; no torch import).
+class _ShardReader:
+    """The read function of one :func:`read_drrs` read task (a plain picklable object; no torch import).
 
-    ``empty_image``: (dtype, H, W) of the dataset's images when all shards agree, for empty blocks
-    (a filter can empty a block; its columns must still have the dataset's types).
+    Reads its files' row groups one at a time (only the columns needed), keeps the rows passing
+    ``arrow_filter``, decodes them (:func:`decode_table`: the images straight from their cells, no per-row
+    Python objects) and yields one Ray block per row group. ``empty_image``: (dtype, H, W) of the dataset's
+    images when all shards agree, for the empty block of a task whose rows were all filtered out (its
+    columns must still have the dataset's types).
     """
 
-    def __init__(self, columns: Sequence[str], float_line_integral: bool, arrow_filter: Any = None,
-                 empty_image: tuple[str, int, int] | None = None) -> None:
+    def __init__(self, units: Sequence[_ReadUnit], filesystem: Any, columns: Sequence[str], float_line_integral: bool,
+                 arrow_filter: Any = None, empty_image: tuple[str, int, int] | None = None) -> None:
+        self.units = tuple(units)
+        self.filesystem = filesystem
         self.columns = list(columns)
         self.float_line_integral = float_line_integral
         self.arrow_filter = arrow_filter
         self.empty_image = empty_image
 
-    def __call__(self, table: Any) -> dict[str, Any]:
-        if self.arrow_filter is not None:
-            table = table.filter(self.arrow_filter)
+    def _file_columns(self, names: Sequence[str]) -> list[str]:
+        cols = read_columns(self.columns, names)
+        if self.arrow_filter is not None:  # a filter may name any column: read them all (pixels aside)
+            cols += [n for n in names if n not in cols and n not in PIXEL_COLUMNS]
+        return cols
+
+    def tables(self) -> Iterator[Any]:
+        """The filtered pyarrow table of every row group of the task (empty ones skipped)."""
+        import pyarrow.parquet as pq
+
+        for unit in self.units:
+            with self.filesystem.open_input_file(unit.path) as fh:
+                pf = pq.ParquetFile(fh, pre_buffer=True)
+                cols = self._file_columns(pf.schema_arrow.names)
+                groups = range(pf.num_row_groups) if unit.row_groups is None else unit.row_groups
+                for g in groups:
+                    tab = pf.read_row_group(g, columns=cols)
+                    if self.arrow_filter is not None:
+                        tab = tab.filter(self.arrow_filter)
+                    if tab.num_rows:
+                        yield tab
+
+    def batch(self, table: Any) -> dict[str, Any]:
+        """A table of rows as the dict of numpy arrays of a block (see the module doc)."""
         if table.num_rows == 0 and self.empty_image is not None:
             dtype, h, w = self.empty_image
             out = {IMAGE: np.zeros((0, h, w), np.float32 if self.float_line_integral else dtype)}
@@ -405,6 +484,162 @@ class _RayDecoder:
             arr[:] = out[IMAGE]
             out[IMAGE] = arr  # Ray stores it as a variable-shaped tensor column
         return out
+
+    def __call__(self) -> Iterator[Any]:
+        from ray.data.block import BlockAccessor
+
+        produced = False
+        for tab in self.tables():
+            produced = True
+            yield BlockAccessor.batch_to_block(self.batch(tab))
+        if not produced and self.empty_image is not None:
+            import pyarrow.parquet as pq
+
+            with self.filesystem.open_input_file(self.units[0].path) as fh:
+                pf = pq.ParquetFile(fh)
+                empty = pf.schema_arrow.empty_table().select(read_columns(self.columns, pf.schema_arrow.names))
+            yield BlockAccessor.batch_to_block(self.batch(empty))
+
+
+@dataclass(frozen=True)
+class _ReadUnit:
+    """A part of a read task: a Parquet file, all its row groups (None) or some."""
+
+    path: str  # in the dataset's pyarrow filesystem
+    row_groups: tuple[int, ...] | None
+    rows: int  # before filters
+    nbytes: int  # its images, decoded to the stored dtype
+
+
+def _available_cpus() -> int:
+    """CPUs of the Ray cluster this process is connected to (else of this machine)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    except Exception:  # noqa: BLE001 - a cluster without resources information: the machine's count
+        pass
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _row_group_units(store: Store, units: Sequence[_ReadUnit]) -> list[_ReadUnit]:
+    """Every file's row groups as units of their own (the Parquet footers read in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    fs = _arrow_fs(store)
+
+    def split(u: _ReadUnit) -> list[_ReadUnit]:
+        with fs.open_input_file(u.path) as fh:
+            meta = pq.ParquetFile(fh).metadata
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        total = max(1, sum(sizes))
+        return [_ReadUnit(u.path, (g,), n, u.nbytes * n // total) for g, n in enumerate(sizes) if n]
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(units)))) as pool:
+        return [p for parts in pool.map(split, units) for p in parts]
+
+
+def plan_read_tasks(store: Store, entries: Sequence[Any], tasks: int | None = None,
+                    cpus: int | None = None) -> list[tuple[_ReadUnit, ...]]:
+    """The read tasks of :func:`read_drrs`: which files / row groups each one reads.
+
+    Parallelism follows the data and the cores: one task per Parquet file (its row groups streamed as
+    blocks) when there are at least twice as many files as ``cpus`` (default: the Ray cluster's CPUs);
+    otherwise one per row group (the footers are read to find them), so that a few large shards still keep
+    every core busy. ``tasks`` (``override_num_blocks``) asks for that many instead: row groups are split
+    off or consecutive units merged to come close.
+    """
+    from drrfarm.sinks.parquet import IMAGE_DTYPES
+
+    files: list[_ReadUnit] = []
+    for e in entries:
+        keys = e.keys_of("parquet")
+        per_pixel = np.dtype(IMAGE_DTYPES.get(e.image_dtype, "<u2")).itemsize
+        for k in keys:
+            rows = e.rows // max(1, len(keys))
+            files.append(_ReadUnit(store.path(k), None, rows, rows * e.height * e.width * per_pixel))
+    want = int(tasks) if tasks else 2 * (cpus or _available_cpus())
+    units = files if len(files) >= want else _row_group_units(store, files)
+    if not units:
+        units = files
+    if tasks is None or len(units) <= want:
+        return [(u,) for u in units]
+    per = -(-len(units) // want)  # merge consecutive units into `tasks` tasks
+    return [tuple(units[i : i + per]) for i in range(0, len(units), per)]
+
+
+def _datasource_class() -> type:
+    """The Ray Datasource class of :func:`read_drrs` (defined on first use: this module imports without Ray)."""
+    cls = globals().get("_DrrShardDatasource")
+    if cls is not None:
+        return cls
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class DrrShardDatasource(Datasource):
+        """Committed drrfarm shards as Ray Data blocks, decoded in the read tasks (see :func:`plan_read_tasks`).
+        Ray pushes ``Dataset.filter(expr=...)`` predicates down into it: rows are dropped before decoding."""
+
+        def __init__(self, tasks: Sequence[tuple[_ReadUnit, ...]], filesystem: Any, columns: Sequence[str],
+                     float_line_integral: bool, arrow_filter: Any, empty_image: tuple[str, int, int] | None,
+                     decoded_bytes_per_stored: float) -> None:
+            super().__init__()
+            self.tasks = list(tasks)
+            self.filesystem = filesystem
+            self.columns = list(columns)
+            self.float_line_integral = float_line_integral
+            self.arrow_filter = arrow_filter
+            self.empty_image = empty_image
+            self.scale = decoded_bytes_per_stored
+
+        def get_name(self) -> str:
+            return "DrrShards"
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return int(sum(u.nbytes for t in self.tasks for u in t) * self.scale)
+
+        def supports_predicate_pushdown(self) -> bool:
+            return True
+
+        def _filter(self) -> Any:
+            pushed = self.get_current_predicate()
+            if pushed is None:
+                return self.arrow_filter
+            pushed = pushed.to_pyarrow()
+            return pushed if self.arrow_filter is None else self.arrow_filter & pushed
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[Any]:
+            flt = self._filter()
+            out = []
+            for units in self.tasks:
+                reader = _ShardReader(units, self.filesystem, self.columns, self.float_line_integral, flt,
+                                      self.empty_image)
+                meta = BlockMetadata(num_rows=None if flt is not None else sum(u.rows for u in units),
+                                     size_bytes=int(sum(u.nbytes for u in units) * self.scale),
+                                     input_files=[u.path for u in units], exec_stats=None)
+                out.append(ReadTask(reader, meta, per_task_row_limit=per_task_row_limit))
+            return out
+
+    DrrShardDatasource.__module__ = __name__
+    DrrShardDatasource.__qualname__ = "_DrrShardDatasource"
+    globals()["_DrrShardDatasource"] = DrrShardDatasource
+    return DrrShardDatasource
+
+
+def _to_arrow_filter(flt: Any) -> Any:
+    """A Ray Data expression (or expression string) as a pyarrow expression; None if it has no such form."""
+    try:
+        if isinstance(flt, str):
+            from ray.data._internal.planner.plan_expression.expression_evaluator import ExpressionEvaluator
+
+            flt = ExpressionEvaluator.parse_native_expression(flt)
+        return flt.to_pyarrow()
+    except Exception:  # noqa: BLE001 - left to Dataset.filter (Ray's own evaluation, after decoding)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,6 +654,7 @@ def read_drrs(
     float_line_integral: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
+    concurrency: int | None = None,
 ) -> ray.data.Dataset:
     """A drrfarm dataset (local path, ``file://``, ``s3://``, any fsspec URL) as a ``ray.data.Dataset``.
 
@@ -430,22 +666,29 @@ def read_drrs(
         columns: metadata columns to return besides ``image``; None: every numeric column (what
             ``iter_torch_batches`` can convert); ``"all"``: every column including strings.
         filter: rows to keep -- a dict ``{"volume_id": [...], "kvp": [...], ...}`` (AND over columns of
-            ``value in list``; pushed down to the Parquet scan, and shards whose manifest entry names
-            none of the wanted volumes are not even opened), a Ray Data expression
-            (``ray.data.expressions.col("kvp") > 80``, pushed down too), or a
-            ``pyarrow.compute.Expression`` (applied to each block after reading).
+            ``value in list``; shards whose manifest entry names none of the wanted volumes / shard ids are
+            not even opened), a Ray Data expression (``ray.data.expressions.col("kvp") > 80``) or a
+            ``pyarrow.compute.Expression``. All are applied in the read tasks before any image is decoded,
+            as are ``Dataset.filter(expr=...)`` calls on the result (Ray pushes them down).
         float_line_integral: decode to float32 values ``stored * image_scale`` (line integrals for the
-            default ``output: line_integral``) instead of the stored dtype.
+            default ``output: line_integral``) in the read tasks instead of the stored dtype. To train on a
+            GPU, rather keep uint16 and call :func:`to_float_line_integrals` on the device: half the bytes
+            through the object store, the driver and PCIe.
         storage_options: fsspec options for the dataset's filesystem (default: the AWS env chain).
-        override_num_blocks: passed to ``ray.data.read_parquet`` (default: Ray's choice).
+        override_num_blocks: the number of read tasks (default: one per file, or per row group when there are
+            fewer files than twice the cluster's CPUs; see :func:`plan_read_tasks`).
+        concurrency: at most this many read tasks at once (default: as many as the cluster's CPUs allow).
 
-    Works with ``iter_torch_batches`` (``image`` as a (B, H, W) tensor of the stored dtype -- torch.uint16
-    for uint16 shards; pass ``dtypes={"image": torch.float32}`` or use ``float_line_integral``) and with
-    Ray Train's ``datasets=`` / ``ray.train.get_dataset_shard``.
+    Each read task reads and decodes its row groups (zstd and the delta transform without the GIL held,
+    no per-row Python objects) and hands Ray one block per row group, so decoding runs on every core of
+    the cluster and ``iter_torch_batches`` only slices ready (B, H, W) arrays. Works with
+    ``iter_torch_batches`` (``image`` as a (B, H, W) tensor of the stored dtype -- torch.uint16 for uint16
+    shards; :func:`to_float_line_integrals` makes float32 line integrals on the GPU) and with Ray Train's
+    ``datasets=`` / ``ray.train.get_dataset_shard``.
     """
     return _read_drrs(url, columns, filters=[filter] if filter is not None else [],
                       float_line_integral=float_line_integral, storage_options=storage_options,
-                      override_num_blocks=override_num_blocks)
+                      override_num_blocks=override_num_blocks, concurrency=concurrency)
 
 
 def _read_drrs(
@@ -456,9 +699,12 @@ def _read_drrs(
     float_line_integral: bool,
     storage_options: Mapping[str, Any] | None,
     override_num_blocks: int | None,
+    concurrency: int | None = None,
 ) -> ray.data.Dataset:
     import pyarrow.parquet as pq
     import ray.data
+
+    from drrfarm.sinks.parquet import IMAGE_DTYPES
 
     store = open_dataset_store(url, storage_options)
     manifest = _committed(store)
@@ -470,41 +716,35 @@ def _read_drrs(
     out_columns = _select_columns(schema, columns)
 
     dict_filters: list[dict[str, list[Any]]] = []
-    ray_exprs: list[Any] = []
     arrow_exprs: list[Any] = []
+    ray_exprs: list[Any] = []  # not expressible in pyarrow: Dataset.filter after decoding
     for flt in filters:
         if isinstance(flt, Mapping):
-            dict_filters.append(_check_filter_dict(flt, schema))
+            d = _check_filter_dict(flt, schema)
+            dict_filters.append(d)
+            arrow_exprs.append(_arrow_expression(d))
         elif _is_arrow_expression(flt):
             arrow_exprs.append(flt)
         else:  # ray.data.expressions.Expr or an expression string
-            ray_exprs.append(flt)
+            converted = _to_arrow_filter(flt)
+            (ray_exprs if converted is None else arrow_exprs).append(flt if converted is None else converted)
     entries = _prune_entries(manifest, dict_filters)
-    paths = [store.path(k) for e in entries for k in e.keys_of("parquet")]
-    if not paths:
+    if not entries:
         raise StorageError(f"{store.url}: no committed shard holds the requested volumes {dict_filters}")
-
-    kwargs: dict[str, Any] = {"filesystem": _arrow_fs(store), "file_extensions": ["parquet"]}
-    if override_num_blocks is not None:
-        kwargs["override_num_blocks"] = override_num_blocks
-    ds = ray.data.read_parquet(paths, **kwargs)
-    for d in dict_filters:
-        ds = ds.filter(expr=_ray_expression(d))
-    for e in ray_exprs:
-        ds = ds.filter(expr=e)
-    read_cols = read_columns(out_columns, schema.names)
     arrow_filter = None
     for e in arrow_exprs:
         arrow_filter = e if arrow_filter is None else arrow_filter & e
-    if arrow_filter is None:  # columns an arrow filter references must survive until the decoder
-        ds = ds.select_columns(read_cols)
+
+    tasks = plan_read_tasks(store, entries, override_num_blocks)
     shapes = {(e.image_dtype, e.height, e.width) for e in entries}
-    return ds.map_batches(
-        _RayDecoder(out_columns, float_line_integral, arrow_filter, shapes.pop() if len(shapes) == 1 else None),
-        batch_format="pyarrow",
-        batch_size=None,  # whole blocks (a row group or less): one zero-copy decode per block
-        zero_copy_batch=True,
-    )
+    stored = max(np.dtype(IMAGE_DTYPES.get(d, "<u2")).itemsize for d, _, _ in shapes)
+    source = _datasource_class()(tasks, _arrow_fs(store), out_columns, float_line_integral, arrow_filter,
+                                 shapes.pop() if len(shapes) == 1 else None,
+                                 4 / stored if float_line_integral else 1.0)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(tasks), concurrency=concurrency)
+    for e in ray_exprs:
+        ds = ds.filter(expr=e)
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -562,7 +802,8 @@ def split_by_volume(
         return (ds_or_url.filter(expr=col("volume_id").is_in(train_ids)),
                 ds_or_url.filter(expr=col("volume_id").is_in(val_ids or ["\0no-volume"])))
 
-    unknown = set(read_kwargs) - {"columns", "filter", "float_line_integral", "storage_options", "override_num_blocks"}
+    unknown = set(read_kwargs) - {"columns", "filter", "float_line_integral", "storage_options", "override_num_blocks",
+                                  "concurrency"}
     if unknown:
         raise TypeError(f"split_by_volume: unexpected read_drrs arguments {sorted(unknown)}")
     store = open_dataset_store(ds_or_url, read_kwargs.get("storage_options"))
@@ -576,7 +817,8 @@ def split_by_volume(
         filters.append({"volume_id": vol_ids})
         return _read_drrs(store, columns, filters=filters,
                           float_line_integral=read_kwargs.get("float_line_integral", False),
-                          storage_options=None, override_num_blocks=read_kwargs.get("override_num_blocks"))
+                          storage_options=None, override_num_blocks=read_kwargs.get("override_num_blocks"),
+                          concurrency=read_kwargs.get("concurrency"))
 
     train = side(train_ids)
     return train, (side(val_ids) if val_ids else train.limit(0))
@@ -683,10 +925,13 @@ class _DrrIndex:
         self._group_starts = np.array([g.first for g in groups] + [first], np.int64)
         self._cache: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._fs: Any = None
+        self._fs_pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_cache"] = collections.OrderedDict()
+        state["_fs"] = None
         del state["_lock"]
         return state
 
@@ -712,14 +957,31 @@ class _DrrIndex:
             if tab is not None:
                 self._cache.move_to_end(key)
                 return tab
-        with self.store.open_read(self._keys[g.file]) as fh:
-            pf = pq.ParquetFile(fh)
+        with self.filesystem().open_input_file(self.paths[g.file]) as fh:
+            pf = pq.ParquetFile(fh, pre_buffer=True)
             tab = pf.read_row_group(g.row_group, columns=read_columns(self.pixel_columns, pf.schema_arrow.names))
         with self._lock:
             self._cache[key] = tab
             while len(self._cache) > self.cache_row_groups:
                 self._cache.popitem(last=False)
         return tab
+
+    def filesystem(self) -> Any:
+        """The dataset's pyarrow filesystem in this process: a forked DataLoader worker opens its own fsspec
+        filesystem (s3fs and other async filesystems cannot be used across a fork)."""
+        pid = os.getpid()
+        if pid != self._fs_pid:
+            if self.store.protocol != "file":
+                import fsspec
+
+                from drrfarm.sinks import Store
+
+                fs = fsspec.filesystem(self.store.protocol, **getattr(self.store.fs, "storage_options", {}))
+                self.store = Store(self.store.url, self.store.protocol, fs, self.store.root, self.store.retry)
+            self._fs, self._fs_pid = None, pid
+        if self._fs is None:
+            self._fs = _arrow_fs(self.store)
+        return self._fs
 
     def row(self, i: int, image: np.ndarray) -> dict[str, Any]:
         out: dict[str, Any] = {IMAGE: image}
@@ -736,15 +998,18 @@ class _DrrIndex:
         one = tab.slice(pos, 1)
         return {c: decode_pixel_column(one, c)[0] for c in self.pixel_columns}
 
-    def group_images(self, g: _Group) -> np.ndarray | list[np.ndarray]:
-        tab = self.read_group(g).take(g.rows)
-        return decode_images_any_shape(tab, float_line_integral=self.float_line_integral)
+    def group_table(self, g: _Group, ks: np.ndarray | None = None) -> Any:
+        """The row group's kept rows (``ks``: only those, positions into ``g.rows``, in that order)."""
+        return self.read_group(g).take(g.rows if ks is None else g.rows[ks])
 
-    def group_pixels(self, g: _Group) -> dict[str, np.ndarray]:
+    def group_images(self, g: _Group, ks: np.ndarray | None = None) -> np.ndarray | list[np.ndarray]:
+        return decode_images_any_shape(self.group_table(g, ks), float_line_integral=self.float_line_integral)
+
+    def group_pixels(self, g: _Group, ks: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The selected pixel annotations of a row group's kept rows: name -> (n, L, H, W)."""
         if not self.pixel_columns:
             return {}
-        tab = self.read_group(g).take(g.rows)
+        tab = self.group_table(g, ks)
         return {c: decode_pixel_column(tab, c) for c in self.pixel_columns}
 
 
@@ -788,6 +1053,113 @@ def _to_torch_row(row: dict[str, Any]) -> dict[str, Any]:
     img = row[IMAGE]
     row[IMAGE] = torch.from_numpy(img) if isinstance(img, np.ndarray) else img
     return row
+
+
+def _torch_dtype(stored: str, float_line_integral: bool) -> Any:
+    import torch
+
+    return torch.float32 if float_line_integral else {"uint16": torch.uint16, "float16": torch.float16,
+                                                      "float32": torch.float32}[stored]
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: Any) -> Any:
+    """An uninitialised tensor for a batch: in shared memory inside a DataLoader worker (as default_collate
+    allocates its batches), so that handing it to the main process copies nothing."""
+    import torch
+
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            proto = torch.empty(0, dtype=dtype)
+            storage = proto._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
+            return proto.new(storage).resize_(*shape)
+        except (AttributeError, RuntimeError):  # pragma: no cover - a torch without the private helper
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
+def _meta_to_torch(values: np.ndarray) -> Any:
+    """A batch's metadata column as default_collate would give it: a tensor, or a list of str."""
+    import torch
+
+    if values.dtype == object:
+        return values.tolist()
+    return torch.from_numpy(np.ascontiguousarray(values))
+
+
+class _TorchBatcher:
+    """Fills batches of a torch dataset row by row: each image decoded straight into the batch tensor (no per-row
+    arrays, no collate copy), float line integrals multiplied on the way; a batch ends at ``batch_size`` rows or
+    where the image shape/dtype changes (datasets mixing sweeps)."""
+
+    def __init__(self, index: _DrrIndex, batch_size: int) -> None:
+        self.index = index
+        self.batch_size = int(batch_size)
+        self.tensor: Any = None
+        self.view: np.ndarray | None = None
+        self.key: tuple[int, int, str] | None = None
+        self.rows: list[int] = []
+        self.pixels: dict[str, list[np.ndarray]] = {}
+        self.scratch: np.ndarray | None = None
+
+    def add_table(self, tab: Any, positions: np.ndarray, rows: np.ndarray) -> Iterator[dict[str, Any]]:
+        """Adds rows ``positions`` of a row group's table (``rows``: their dataset indices), in that order; yields
+        every batch that fills up. The table's cells are read where they are (no ``take`` copy)."""
+        from drrfarm.sinks.parquet import IMAGE_DTYPES, binary_cells, decode_cell_into
+
+        n = tab.num_rows
+        cells = binary_cells(tab.column(IMAGE))
+        codecs = tab.column(IMAGE_CODEC_COLUMN).to_pylist() if IMAGE_CODEC_COLUMN in tab.column_names else [None] * n
+        hs = np.asarray(tab.column("height").to_numpy(zero_copy_only=False)).tolist()
+        ws = np.asarray(tab.column("width").to_numpy(zero_copy_only=False)).tolist()
+        dts = tab.column("image_dtype").to_pylist()
+        scales = np.asarray(tab.column("image_scale").cast("float64").to_numpy(zero_copy_only=False), np.float64)
+        pixels = {c: decode_pixel_column(tab.take(positions), c) for c in self.index.pixel_columns} \
+            if self.index.pixel_columns else {}
+        flt = self.index.float_line_integral
+        for i, j in enumerate(positions.tolist()):
+            if hs[j] is None or ws[j] is None or dts[j] not in IMAGE_DTYPES:
+                raise StorageError(f"image row {int(rows[i])} without height/width/image_dtype: not a drrfarm shard?")
+            key = (int(hs[j]), int(ws[j]), str(dts[j]))
+            if self.key is not None and key != self.key:
+                yield self.finish()
+            if self.tensor is None:
+                self.key = key
+                self.tensor = _batch_tensor((self.batch_size, key[0], key[1]), _torch_dtype(key[2], flt))
+                self.view = self.tensor.numpy()
+            k = len(self.rows)
+            stored = np.dtype(IMAGE_DTYPES[key[2]])
+            if flt:
+                if self.scratch is None or self.scratch.shape != key[:2] or self.scratch.dtype != stored:
+                    self.scratch = np.empty(key[:2], stored)
+                decode_cell_into(cells[j], codecs[j], stored, self.scratch, int(rows[i]))
+                s = scales[j] if np.isfinite(scales[j]) else 1.0
+                np.multiply(self.scratch, np.float32(s), out=self.view[k], dtype=np.float32)
+            else:
+                decode_cell_into(cells[j], codecs[j], stored, self.view[k], int(rows[i]))
+            self.rows.append(int(rows[i]))
+            for c, a in pixels.items():
+                self.pixels.setdefault(c, []).append(a[i])
+            if len(self.rows) == self.batch_size:
+                yield self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """The batch collected so far (``image`` (b, H, W), metadata columns as tensors / lists of str)."""
+        import torch
+
+        b = len(self.rows)
+        idx = np.asarray(self.rows, np.int64)
+        out: dict[str, Any] = {IMAGE: self.tensor[:b] if b < self.batch_size else self.tensor}
+        for c, arr in self.index.meta.items():
+            out[c] = _meta_to_torch(arr[idx])
+        for c, parts in self.pixels.items():
+            out[c] = torch.from_numpy(np.stack(parts))
+        self.tensor = self.view = self.key = None
+        self.rows, self.pixels = [], {}
+        return out
+
+    @property
+    def pending(self) -> int:
+        return len(self.rows)
 
 
 def _define_torch_classes() -> None:
@@ -879,9 +1251,16 @@ def _define_torch_classes() -> None:
 
         Row groups are split round-robin across distributed ranks (``rank``/``world_size``, default
         from ``torch.distributed`` when initialised) and then across DataLoader workers, so each row is
-        served once per epoch overall. With ``shuffle``, row-group order and row order inside each group
-        are shuffled, seeded by ``seed`` and the epoch (:meth:`set_epoch`). Items are the same dicts as
-        :class:`DrrTorchDataset`'s.
+        served once per epoch overall (with fewer row groups than workers, row groups are split into parts of
+        rows). With ``shuffle``, row-group order and row order inside each group are shuffled, seeded by
+        ``seed`` and the epoch (:meth:`set_epoch`).
+
+        Items: with ``batch_size`` None, one dict per row, as :class:`DrrTorchDataset`'s (batch them with the
+        DataLoader's ``batch_size``); with ``batch_size``, ready batches -- ``image`` (B, H, W) decoded straight
+        into the batch tensor (in shared memory in a worker, so nothing is copied on the way to the main
+        process), metadata as tensors and strings as lists, like ``default_collate`` would make them, at a
+        fraction of its cost. Use those with ``DataLoader(ds, batch_size=None, ...)`` or :meth:`loader`; the
+        last batch of each worker may be short (``drop_last`` drops it), and ``transform`` gets whole batches.
         """
 
         def __init__(
@@ -898,7 +1277,11 @@ def _define_torch_classes() -> None:
             seed: int = 0,
             rank: int | None = None,
             world_size: int | None = None,
+            batch_size: int | None = None,
+            drop_last: bool = False,
         ) -> None:
+            if batch_size is not None and int(batch_size) < 1:
+                raise ValueError(f"batch_size must be >= 1 or None, got {batch_size!r}")
             self.index = _DrrIndex(url, columns, filter, volume_ids, float_line_integral, storage_options, 1)
             self.transform = transform
             self.shuffle = shuffle
@@ -906,6 +1289,8 @@ def _define_torch_classes() -> None:
             self.epoch = 0
             self.rank = rank
             self.world_size = world_size
+            self.batch_size = None if batch_size is None else int(batch_size)
+            self.drop_last = bool(drop_last)
 
         def set_epoch(self, epoch: int) -> None:
             self.epoch = int(epoch)
@@ -913,7 +1298,24 @@ def _define_torch_classes() -> None:
         def __len__(self) -> int:  # rows over all ranks/workers (a hint for progress bars)
             return self.index.n
 
-        def _my_groups(self) -> list[int]:
+        def loader(self, num_workers: int | None = None, *, pin_memory: bool | None = None,
+                   prefetch_factor: int = 4, **kwargs: Any) -> torch.utils.data.DataLoader:
+            """A DataLoader serving this dataset's batches (needs ``batch_size``): ``num_workers`` defaults to the
+            CPUs this process may use, at most one per row group; ``pin_memory`` to whether CUDA is available."""
+            if self.batch_size is None:
+                raise ValueError("loader() serves ready batches: construct the dataset with batch_size=...")
+            if num_workers is None:
+                cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+                num_workers = max(0, min(cpus, len(self.index.groups)))
+            if pin_memory is None:
+                pin_memory = torch.cuda.is_available()
+            extra = {"prefetch_factor": prefetch_factor, "persistent_workers": kwargs.pop("persistent_workers", True)} \
+                if num_workers > 0 else {}
+            return torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                               **extra, **kwargs)
+
+        def _place(self) -> tuple[int, int]:
+            """(slot of this worker, number of slots) over ranks x DataLoader workers."""
             rank, world = self.rank, self.world_size
             if rank is None or world is None:
                 dist = torch.distributed
@@ -923,26 +1325,47 @@ def _define_torch_classes() -> None:
                     rank, world = 0, 1
             info = torch.utils.data.get_worker_info()
             wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-            order = list(range(len(self.index.groups)))
-            rng = np.random.default_rng([self.seed, self.epoch])
+            return rank * nw + wid, world * nw
+
+        def _my_units(self) -> list[tuple[int, np.ndarray]]:
+            """This worker's share of the epoch: (row group, positions of its kept rows in serving order)."""
+            slot, slots = self._place()
+            groups = self.index.groups
+            order = list(range(len(groups)))
             if self.shuffle:
-                rng.shuffle(order)
-            return order[rank * nw + wid :: world * nw]
+                np.random.default_rng([self.seed, self.epoch]).shuffle(order)
+            parts = 1 if len(order) >= slots else -(-slots // max(1, len(order)))
+            units: list[tuple[int, np.ndarray]] = []
+            for gi in order:
+                n = len(groups[gi].rows)
+                ks = np.random.default_rng([self.seed, self.epoch, 2, gi]).permutation(n) if self.shuffle \
+                    else np.arange(n)
+                units += [(gi, part) for part in np.array_split(ks, min(parts, n)) if len(part)]
+            return units[slot::slots]
 
         def __iter__(self) -> Iterator[dict[str, Any]]:
-            rng = np.random.default_rng([self.seed, self.epoch, 1 + (self.rank or 0)])
-            for gi in self._my_groups():
+            if self.batch_size is not None:
+                yield from self._batches()
+                return
+            for gi, ks in self._my_units():
                 g = self.index.groups[gi]
-                imgs = self.index.group_images(g)
-                pixels = self.index.group_pixels(g)
-                order = np.arange(len(g.rows))
-                if self.shuffle:
-                    rng.shuffle(order)
-                for k in order:
-                    row = self.index.row(g.first + int(k), np.array(imgs[int(k)]))
-                    row.update({c: np.array(a[int(k)]) for c, a in pixels.items()})
+                imgs = self.index.group_images(g, ks)
+                pixels = self.index.group_pixels(g, ks)
+                for j, k in enumerate(ks):
+                    row = self.index.row(g.first + int(k), np.array(imgs[j]))
+                    row.update({c: np.array(a[j]) for c, a in pixels.items()})
                     row = _to_torch_row(row)
                     yield self.transform(row) if self.transform is not None else row
+
+        def _batches(self) -> Iterator[dict[str, Any]]:
+            batcher = _TorchBatcher(self.index, int(self.batch_size or 1))
+            for gi, ks in self._my_units():
+                g = self.index.groups[gi]
+                for batch in batcher.add_table(self.index.read_group(g), g.rows[ks], g.first + ks):
+                    yield self.transform(batch) if self.transform is not None else batch
+            if batcher.pending and not self.drop_last:
+                batch = batcher.finish()
+                yield self.transform(batch) if self.transform is not None else batch
 
     for cls in (DrrTorchDataset, DrrIterableDataset, RowGroupSampler):
         cls.__module__ = __name__
@@ -954,6 +1377,8 @@ def __getattr__(name: str) -> Any:
     if name in _TORCH_CLASSES:
         _define_torch_classes()
         return globals()[name]
+    if name == "_DrrShardDatasource":  # pickled by reference: defined on first access in any process
+        return _datasource_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -971,6 +1396,12 @@ __all__ = [
     "open_dataset_store",
     "read_drrs",
     "read_metadata",
+    "plan_read_tasks",
     "split_by_volume",
+    "stream_drrs",
+    "stream_info",
+    "stream_metadata",
+    "stream_split_by_volume",
+    "to_float_line_integrals",
     "volume_split",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Must be set before Ray or MLflow are imported anywhere in the test session.
@@ -15,6 +16,20 @@ import pytest  # noqa: E402
 
 # `s3_server` (a real S3 server on 127.0.0.1) and `mlflow_server` (a real tracking server on 127.0.0.1).
 pytest_plugins = ["s3server", "mlflow_server"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private Ray (``address="local"``: never a cluster someone else started on this machine) on 127.0.0.1
+    with 2 CPUs, Ray Data's progress bars and INFO logs off; shut down after the module."""
+    ray = pytest.importorskip("ray")
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    yield ray
+    ray.shutdown()
 
 
 def _gpu_available() -> bool:

@@ -5,7 +5,6 @@ Datasets are written with the sinks' ShardSink directly (no farm): 3 volumes x 2
 
 from __future__ import annotations
 
-import logging
 import threading
 
 import numpy as np
@@ -59,19 +58,6 @@ def write_dataset(url: str, image_dtype: str = "uint16", per: int = 6) -> dict[i
 
 def quantised(img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img.astype(np.float64) / SCALE), 0, 65535).astype(np.uint16)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    # address="local": a private instance, never a cluster someone else started on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +266,26 @@ def test_read_from_s3_with_storage_options(ray_local, s3_server):
     assert n == len(written)
 
 
+def test_torch_loader_workers_read_s3(s3_server):
+    """DataLoader workers forked from a process that already used s3fs open their own filesystem."""
+    import os
+
+    from drrfarm.data import DrrIterableDataset
+
+    url = f"{s3_server.url}/runs/torch"
+    written = write_dataset(url, per=2)
+    opts = {"key": os.environ["AWS_ACCESS_KEY_ID"], "secret": os.environ["AWS_SECRET_ACCESS_KEY"],
+            "client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"], "region_name": "us-east-1"}}
+    ds = DrrIterableDataset(url, ["seed"], storage_options=opts, batch_size=3)
+    assert len(next(iter(ds))["seed"]) == 3  # the parent reads first (its s3fs session exists before the fork)
+    seen = []
+    for batch in ds.loader(num_workers=2, pin_memory=False):
+        for j, s in enumerate(batch["seed"].tolist()):
+            assert np.array_equal(batch["image"][j].numpy(), quantised(written[s][0]))
+            seen.append(s)
+    assert sorted(seen) == sorted(written)
+
+
 # ---------------------------------------------------------------------------------------------- plain PyTorch
 
 
@@ -345,6 +351,268 @@ def test_torch_dataset_other_fsspec_backend():
         item = ds[i]
         assert np.array_equal(item["image"].numpy(), quantised(written[int(item["seed"])][0]))
     open_store(url, probe=False).fs.rm("/drrfarm-test-data", recursive=True)
+
+
+# --------------------------------------------------------------------------------------- fast decode paths
+
+
+def _old_undo(planes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The row-by-row inverse of the delta transform that the blocked scan replaced (the reference)."""
+    n = h * w
+    d = np.empty(n, np.uint16)
+    pairs = d.view(np.uint8).reshape(-1, 2)
+    pairs[:, 1] = planes[:n]
+    pairs[:, 0] = planes[n : 2 * n]
+    image = d.reshape(h, w)
+    for i in range(1, h):
+        np.add(image[i], image[i - 1], out=image[i])
+    return image
+
+
+def _test_images(rng: np.random.Generator, h: int, w: int) -> dict[str, np.ndarray]:
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = 30000 + 20000 * np.sin(xx / 7.0) * np.cos(yy / 5.0)
+    return {
+        "random": rng.integers(0, 65536, (h, w), dtype=np.uint16),  # every difference wraps somewhere
+        "noisy": np.clip(smooth + rng.normal(0, 300, (h, w)), 0, 65535).astype(np.uint16),
+        "noise-free": smooth.astype(np.uint16),
+        "flat-0": np.zeros((h, w), np.uint16),
+        "flat-max": np.full((h, w), 65535, np.uint16),
+        "wrap": np.where((yy + xx) % 2, 65535, 0).astype(np.uint16),  # +-1 modulo 2^16 on every row
+    }
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (2, 3), (3, 5), (17, 4), (31, 33), (64, 7), (257, 19), (512, 6)])
+def test_undo_delta_planes_bit_exact(shape):
+    from drrfarm.sinks.parquet import decode_image, delta_planes, encode_image, undo_delta_planes, undo_row_deltas
+
+    h, w = shape
+    for name, img in _test_images(np.random.default_rng(h * 1000 + w), h, w).items():
+        planes = delta_planes(img)
+        np.testing.assert_array_equal(_old_undo(planes, h, w), img, err_msg=name)
+        np.testing.assert_array_equal(undo_delta_planes(planes, h, w), img, err_msg=name)
+        out = np.full((h, w), 7, np.uint16)
+        assert undo_delta_planes(planes, h, w, out) is out and np.array_equal(out, img)
+        out[:] = 0
+        assert decode_image(encode_image(img), h, w, out) is out and np.array_equal(out, img), name
+        d = img.astype(np.int64)
+        d[1:] -= img[:-1].astype(np.int64)
+        np.testing.assert_array_equal(undo_row_deltas((d % 65536).astype(np.uint16)), img, err_msg=name)
+    with pytest.raises(StorageError, match="C-contiguous"):
+        undo_delta_planes(delta_planes(img), h, w, np.empty((h, w + 1), np.uint16))
+
+
+def test_zstd_delta_cell_of_the_wrong_size_is_refused():
+    from drrfarm.sinks.parquet import decode_image, encode_image
+
+    cell = encode_image(np.arange(12, dtype=np.uint16).reshape(3, 4))
+    with pytest.raises(StorageError, match="holds 24 bytes, not 40"):
+        decode_image(cell, 4, 5)
+
+
+def test_binary_cells_are_zero_copy_slices():
+    import pyarrow as pa
+
+    from drrfarm.sinks.parquet import binary_cells
+
+    arr = pa.array([b"ab", None, b"", b"cde"], type=pa.large_binary())
+    cells = binary_cells(pa.chunked_array([arr.slice(1), pa.array([b"z"], type=pa.large_binary())]))
+    assert cells[0] is None and [bytes(c) for c in cells[1:]] == [b"", b"cde", b"z"]
+    data = arr.buffers()[2]
+    assert binary_cells(arr)[3].address == data.address + 2  # a view of the column's data buffer
+
+
+def _mixed_codec_table(rng: np.random.Generator, h: int, w: int) -> tuple[list[np.ndarray], object]:
+    """One table of shards in every codec: zstd-delta, delta-planes, raw, and an old raw shard without the
+    ``image_codec`` column; noisy, flat and wrapping images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from drrfarm.sinks.parquet import encode_parquet
+
+    images, tables = [], []
+    for k, codec in enumerate(("zstd-delta", "delta-planes", "raw", None)):
+        imgs = np.stack(list(_test_images(rng, h, w).values()))
+        rows = [{"image_index": i, "seed": 100 * k + i, "height": h, "width": w, "image_dtype": "uint16",
+                 "image_scale": SCALE * (1 + k)} for i in range(len(imgs))]
+        buf = encode_parquet(imgs, rows, {}, image_codec=codec or "raw", rows_per_row_group=4)
+        tab = pq.read_table(pa.BufferReader(bytes(buf)))
+        if codec is None:
+            tab = tab.drop_columns(["image_codec"])
+        images.extend(imgs)
+        tables.append(tab)
+    return images, pa.concat_tables(tables, promote_options="permissive")
+
+
+def test_decode_images_mixed_codecs_bit_exact():
+    from drrfarm.data import decode_images_any_shape
+    from drrfarm.sinks.parquet import decode_images, dequantize
+
+    images, table = _mixed_codec_table(np.random.default_rng(3), 40, 24)
+    assert set(table.column("image_codec").to_pylist()) == {"zstd-delta", "delta-planes", "raw", None}
+    np.testing.assert_array_equal(decode_images(table), np.stack(images))
+    scale = np.asarray(table.column("image_scale").to_numpy())
+    f = decode_images_any_shape(table, float_line_integral=True)
+    np.testing.assert_array_equal(f, dequantize(np.stack(images), scale))
+
+
+def test_to_float_line_integrals_matches_cpu_dequantize():
+    import torch
+
+    from drrfarm.data import to_float_line_integrals
+    from drrfarm.sinks.parquet import dequantize
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 65536, (3, 8, 5), dtype=np.uint16)
+    img[0, 0, 0], img[1, 0, 0] = 65535, 32768  # the int16 view's negative range
+    scale = np.array([SCALE, 3.5e-4, np.nan])
+    want = dequantize(img, np.where(np.isfinite(scale), scale, 1.0))
+    for batch in ({"image": torch.from_numpy(img), "image_scale": torch.from_numpy(scale)},
+                  {"image": img, "image_scale": scale}):
+        got = to_float_line_integrals(batch, "cpu")
+        assert got.dtype == torch.float32 and got.device.type == "cpu"
+        np.testing.assert_array_equal(got.numpy(), want)  # bit for bit
+    f16 = (img % 60000).astype(np.float16)
+    np.testing.assert_array_equal(
+        to_float_line_integrals({"image": torch.from_numpy(f16), "image_scale": np.ones(3)}).numpy(),
+        f16.astype(np.float32))
+    parts = to_float_line_integrals({"image": [img[0], img[1, :4]], "image_scale": scale[:2]})
+    np.testing.assert_array_equal(parts[1].numpy(), want[1, :4])
+    with pytest.raises(StorageError, match="image_scale"):
+        to_float_line_integrals({"image": img})
+
+
+@pytest.fixture(scope="module")
+def mixed_ds(tmp_path_factory):
+    """A dataset whose shards use every codec (delta-planes: the sinks' default, raw, zstd-delta, and an old raw
+    shard without the image_codec column)."""
+    import functools
+
+    import pyarrow.parquet as pq
+
+    import drrfarm.sinks.parquet as parquet
+
+    url = str(tmp_path_factory.mktemp("mixed") / "ds")
+    rng = np.random.default_rng(11)
+    written: dict[int, np.ndarray] = {}
+    codecs = ("delta-planes", "raw", "zstd-delta", "old-raw")
+    for k, codec in enumerate(codecs):
+        imgs = np.stack(list(_test_images(rng, 36, 20).values()) * 2)  # 12 rows: 3 row groups of 4
+        rows = [{"image_index": i, "seed": 1000 * k + i, "volume_id": f"v{k}", "alpha_deg": float(i),
+                 "beta_deg": float(k), "image_scale": SCALE, "kvp": (60.0, 120.0)[i % 2]} for i in range(len(imgs))]
+        original = parquet.encode_parquet  # the sink's codec, chosen per shard
+        parquet.encode_parquet = functools.partial(original, image_codec="raw" if "raw" in codec else codec)
+        try:
+            sink = ShardSink(url, rows_per_row_group=4)
+            sink.write_shard(f"s-{codec}", imgs.astype(np.float32) * SCALE, rows, FILE_META)
+        finally:
+            parquet.encode_parquet = original
+        if codec == "old-raw":  # files written before the image_codec column existed
+            path = sink.store.path(f"parquet/s-{codec}.parquet")
+            tab = pq.read_table(path).drop_columns(["image_codec"])
+            pq.write_table(tab, path, row_group_size=4)
+        written.update({1000 * k + i: im for i, im in enumerate(imgs)})
+    return url, written
+
+
+def test_mixed_codecs_through_every_reader(ray_local, mixed_ds):
+    import torch
+
+    from drrfarm.data import DrrIterableDataset, DrrTorchDataset, read_drrs, to_float_line_integrals
+
+    url, written = mixed_ds
+    for ds in (read_drrs(url, ["seed", "image_scale"]), read_drrs(url, ["seed", "image_scale"], override_num_blocks=2)):
+        seen = []
+        for batch in ds.iter_torch_batches(batch_size=5):
+            assert batch["image"].dtype == torch.uint16
+            f = to_float_line_integrals(batch)
+            for j, s in enumerate(batch["seed"].tolist()):
+                assert np.array_equal(batch["image"][j].numpy(), written[s])
+                assert np.array_equal(f[j].numpy(), written[s].astype(np.float32) * np.float32(SCALE))
+                seen.append(s)
+        assert sorted(seen) == sorted(written)
+    floats = read_drrs(url, ["seed"], float_line_integral=True).take_all()
+    for r in floats:
+        assert np.array_equal(r["image"], written[r["seed"]].astype(np.float32) * np.float32(SCALE))
+    tds = DrrTorchDataset(url, ["seed"])
+    for i in range(len(tds)):
+        assert np.array_equal(tds[i]["image"].numpy(), written[int(tds[i]["seed"])])
+    seen = []
+    for batch in DrrIterableDataset(url, ["seed"], batch_size=5):
+        for j, s in enumerate(batch["seed"].tolist()):
+            assert np.array_equal(batch["image"][j].numpy(), written[s])
+            seen.append(s)
+    assert sorted(seen) == sorted(written)
+
+
+def test_torch_iterable_batches_workers_and_floats(uint16_ds):
+    import torch
+
+    from drrfarm.data import DrrIterableDataset
+
+    url, written = uint16_ds
+    ds = DrrIterableDataset(url, ["seed", "alpha_deg", "volume_id", "P"], batch_size=5, shuffle=True, seed=3)
+    loader = ds.loader(num_workers=2, pin_memory=False)
+    sizes, seeds = [], []
+    for batch in loader:
+        assert batch["image"].dtype == torch.uint16 and batch["image"].shape[1:] == (H, W)
+        assert isinstance(batch["volume_id"], list) and batch["P"].shape[1:] == (3, 4)
+        sizes.append(len(batch["seed"]))
+        for j, s in enumerate(batch["seed"].tolist()):
+            src, row = written[s]
+            assert torch.equal(batch["image"][j], torch.from_numpy(quantised(src)))
+            assert batch["alpha_deg"][j].item() == row["alpha_deg"] and batch["volume_id"][j] == row["volume_id"]
+            seeds.append(s)
+    assert sorted(seeds) == sorted(written)  # every row once over two workers
+    assert sum(n < 5 for n in sizes) <= 2 and max(sizes) == 5  # only each worker's last batch is short
+    ds.set_epoch(1)
+    assert sorted(s for b in loader for s in b["seed"].tolist()) == sorted(written)
+    # one process, float line integrals, drop_last, more workers than row groups (row groups split in parts)
+    flt = DrrIterableDataset(url, ["seed"], float_line_integral=True, batch_size=4, drop_last=True)
+    got = [b for b in flt]
+    assert all(len(b["seed"]) == 4 for b in got) and len(got) == len(written) // 4
+    for b in got:
+        assert b["image"].dtype == torch.float32
+        for j, s in enumerate(b["seed"].tolist()):
+            assert np.abs(b["image"][j].numpy() - written[s][0]).max() <= SCALE / 2 + 1e-6
+    many = DrrIterableDataset(url, ["seed"], batch_size=2, rank=0, world_size=1)
+    parts = [[int(s) for b in DrrIterableDataset(url, ["seed"], batch_size=2, rank=k, world_size=40) for s in b["seed"]]
+             for k in range(40)]
+    assert sorted(sum(parts, [])) == sorted(written) and sum(bool(p) for p in parts) > len(many.index.groups)
+
+
+def test_read_tasks_follow_files_row_groups_and_cpus(uint16_ds):
+    from drrfarm.data import _committed, open_dataset_store, plan_read_tasks
+
+    url, written = uint16_ds
+    store = open_dataset_store(url)
+    entries = list(_committed(store).values())  # 6 shards of 6 rows, row groups of 4 + 2
+    per_file = plan_read_tasks(store, entries, cpus=2)  # 6 files >= 2 x 2 CPUs: a task per file
+    assert len(per_file) == 6 and all(len(t) == 1 and t[0].row_groups is None for t in per_file)
+    per_group = plan_read_tasks(store, entries, cpus=16)  # fewer files than 2 x 16 CPUs: a task per row group
+    assert len(per_group) == 12 and sorted(t[0].rows for t in per_group) == [2] * 6 + [4] * 6
+    assert {(t[0].path, t[0].row_groups) for t in per_group} == {(e.path, (g,)) for e in
+                                                                 (t[0] for t in per_file) for g in (0, 1)}
+    merged = plan_read_tasks(store, entries, tasks=4)  # asked for 4: consecutive files merged
+    assert len(merged) == 3 and sum(len(t) for t in merged) == 6
+    assert sum(u.rows for t in plan_read_tasks(store, entries, tasks=100) for u in t) == len(written)
+
+
+def test_filters_pushed_into_the_read_tasks(ray_local, uint16_ds):
+    from ray.data.expressions import col
+
+    from drrfarm.data import read_drrs
+
+    url, written = uint16_ds
+    ds = read_drrs(url, ["seed"]).filter(expr=col("kvp") == 60.0)  # kvp not among the columns: pushed down
+    assert sorted(r["seed"] for r in ds.take_all()) == sorted(s for s, (_, r) in written.items() if r["kvp"] == 60)
+    by_str = read_drrs(url, ["seed"], filter="seed < 110").take_all()
+    assert sorted(r["seed"] for r in by_str) == sorted(s for s in written if s < 110)
+    shard = read_drrs(url, ["seed"], filter={"shard_id": ["vol-b-1"]}).take_all()
+    assert sorted(r["seed"] for r in shard) == sorted(s for s, (_, r) in written.items()
+                                                      if r["volume_id"] == "vol-b" and s % 100 >= 10)
+    empty = read_drrs(url, ["seed"], filter={"kvp": [99.0]})
+    assert empty.count() == 0 and list(empty.iter_torch_batches(batch_size=4)) == []
 
 
 # ------------------------------------------------------------------------------------------------ augmentations

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -49,17 +48,6 @@ def make_pose_dataset(url: str, run_id: str, n_volumes: int = 3, per_volume: int
                          "image_scale": 16.0 / 65535, "output": "line_integral", "detector": "ideal"})
         sink.write_shard(f"sw-{vid}", np.stack(imgs), rows,
                          {"mlflow_run_id": run_id, "spec_sha256": "ab" * 32, "sweep_id": "sw"})
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow  # ~30-35 s on 2 busy cores: Ray Train start-up and shutdown, MLflow SQLite set-up
@@ -109,3 +97,22 @@ def test_train_pose_bad_dataset(tmp_path, capsys):
     job = load_job()
     assert job.main(["--dataset", str(tmp_path / "nothing"), "--no-tracking"]) == 2
     assert "no committed shards" in capsys.readouterr().err
+
+
+def test_train_pose_local_trainer_reports_throughput(ray_local, tmp_path):
+    """--trainer local: the same loop in this process (no Ray Train, e.g. a Ray without ray.tune), fed by Ray Data
+    (uint16 images made float on the device), with images/s per epoch and a checkpoint."""
+    url = str(tmp_path / "sweep")
+    make_pose_dataset(url, "", n_volumes=2, per_volume=12)
+    job = load_job()
+    out = tmp_path / "summary.json"
+    rc = job.main(["--dataset", url, "--epochs", "2", "--batch-size", "8", "--image-size", "16", "--trainer", "local",
+                   "--no-tracking", "--val-fraction", "0.5", "--materialize", "no",
+                   "--storage-path", str(tmp_path / "results"), "--output-json", str(out)])
+    assert rc == 0
+    summary = json.loads(out.read_text())
+    hist = summary["history"]
+    assert summary["trainer"] == "local" and summary["workers"] == 1 and len(hist) == 2
+    assert hist[0]["train_images"] == 12 and "val_loss" in hist[1]  # one volume each side
+    assert hist[1]["train_images_per_s"] > 0 and "gpu_util_pct" not in hist[1]  # on CPU: no GPU sampling
+    assert (Path(summary["checkpoint"]) / "model.pt").exists()
