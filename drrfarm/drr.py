@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-import drrfarm
 from drrfarm.errors import DrrfarmError, GeometryError, StorageError
 from drrfarm.physics import Physics, quantize_uint16
 
@@ -42,18 +41,30 @@ class DrrRequest:
     backend: str = "auto"
     seed: int = 0
     physics: Physics = field(default_factory=Physics)
+    #: tools in the CT: validated ``tools:`` items of the sweep spec (:func:`drrfarm.farm.spec_scene.parse_tools`)
+    tools: tuple[Any, ...] = ()
 
 
 def render_drr(req: DrrRequest) -> tuple[np.ndarray, dict[str, Any]]:
-    """Render one DRR: returns ``(image (H, W) float32, sidecar metadata dict)``."""
+    """Render one DRR: returns ``(image (H, W) float32, sidecar metadata dict)``.
+
+    The render goes through :class:`drrfarm.api.Renderer`; tools are posed as a sweep poses them
+    (:func:`drrfarm.farm.scene.pose_tool`, random draws from ``req.seed``).
+    """
+    from drrfarm.api import Renderer
     from drrfarm.geometry import CArm, world_from_patient_default
-    from drrfarm.render import get_backend
     from drrfarm.spectrum import get_spectrum
     from drrfarm.volume import load_volume, segment_by_labels, segment_by_thresholds
 
     if req.size_px <= 0:
         raise GeometryError(f"size: must be a positive number of pixels, got {req.size_px}")
     spectrum = get_spectrum(req.spectrum)
+    tool_meshes = []
+    if req.tools:  # the tools' meshes first: a bad mesh file fails before the CT is read
+        from drrfarm.farm.plan import tool_pose_rng
+        from drrfarm.farm.scene import base_tool_mesh, pose_tool
+
+        tool_meshes = [base_tool_mesh(tool, str) for tool in req.tools]
     volume = load_volume(req.ct)
     if req.labels:
         if not req.label_table:
@@ -65,25 +76,14 @@ def render_drr(req: DrrRequest) -> tuple[np.ndarray, dict[str, Any]]:
     carm = CArm(sdd_mm=req.sdd_mm, sid_mm=req.sid_mm, height=req.size_px, width=req.size_px,
                 pixel_mm=req.pixel_mm)
     camera = carm.camera(alpha_deg=req.alpha_deg, beta_deg=req.beta_deg, gamma_deg=req.gamma_deg)
-    backend = get_backend(req.backend)
-    handle = backend.prepare(materials, world_from_patient)
-    image = backend.render(handle, [camera], spectrum, req.physics, [req.seed])[0]
-    sidecar = {
-        "drrfarm_version": drrfarm.__version__,
-        "ct": volume.source,
-        "ct_sha256": volume.sha256,
-        **camera.to_dict(),
-        "patient_frame": "RAS",
-        "world_from_patient": np.asarray(world_from_patient).tolist(),
-        "carm": {"alpha_deg": req.alpha_deg, "beta_deg": req.beta_deg, "gamma_deg": req.gamma_deg,
-                 "sdd_mm": req.sdd_mm, "sid_mm": req.sid_mm, "orientation": req.orientation},
-        "materials": list(materials.material_names),
-        "spectrum": {"name": spectrum.name, "kvp": spectrum.kvp, "al_mm": spectrum.al_mm, "cu_mm": spectrum.cu_mm,
-                     "mean_energy_kev": float(spectrum.mean_energy_kev)},
-        "physics": req.physics.to_dict(),
-        "backend": backend.name,
-        "seed": req.seed,
-    }
+    meshes = [pose_tool(tool, mesh, world_from_patient, lambda k=k: tool_pose_rng(req.seed, 0, 0, k))
+              for k, (tool, mesh) in enumerate(zip(req.tools, tool_meshes, strict=True))] or None
+    renderer = Renderer(volume, materials=materials, backend=req.backend, spectrum=spectrum, physics=req.physics,
+                        world_from_patient=world_from_patient)
+    image = renderer.render(camera, seed=req.seed, meshes=meshes)
+    sidecar = renderer.sidecar(camera, seed=req.seed, meshes=meshes)
+    sidecar["carm"] = {"alpha_deg": req.alpha_deg, "beta_deg": req.beta_deg, "gamma_deg": req.gamma_deg,
+                       "sdd_mm": req.sdd_mm, "sid_mm": req.sid_mm, "orientation": req.orientation}
     return image, sidecar
 
 

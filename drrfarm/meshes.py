@@ -252,11 +252,13 @@ class Mesh:
         return T[:3, :3] @ p + T[:3, 3]
 
     def tip_world_mm(self) -> np.ndarray:
+        """(3,) a linear tool's tip (``tip_mm``) in world mm."""
         if self.tip_mm is None:
             raise MeshError(f"mesh {self.name!r}: has no tip_mm (not a linear tool)")
         return self.point_world_mm(self.tip_mm)
 
     def base_world_mm(self) -> np.ndarray:
+        """(3,) a linear tool's base (``base_mm``) in world mm."""
         if self.base_mm is None:
             raise MeshError(f"mesh {self.name!r}: has no base_mm (not a linear tool)")
         return self.point_world_mm(self.base_mm)
@@ -391,8 +393,11 @@ def load_mesh(
     tip_mm: Any = None,
     base_mm: Any = None,
 ) -> Mesh:
-    """Read an STL / OBJ / PLY (/ OFF / GLB) file into a watertight :class:`Mesh`.
+    """Read an STL / OBJ / PLY (/ OFF / GLB) file into a watertight :class:`Mesh` (model frame, mm).
 
+    ``material``: a :mod:`drrfarm.materials` name; ``density_g_cm3`` in g/cm³ (None: the material's
+    nominal density); ``mode`` ``"add"`` or ``"replace"``; ``world_from_mesh``: (4, 4) rigid pose (world mm);
+    ``tip_mm`` / ``base_mm``: (3,) model-frame points of a linear tool (mm, after scaling).
     ``scale_to_mm`` multiplies the file's coordinates (1000 for a file in metres). Several bodies
     in one file are merged into one mesh (each must be closed). Raises :class:`MeshError` naming
     the file when it is missing, unreadable, empty or not watertight.

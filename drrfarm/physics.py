@@ -58,7 +58,16 @@ UINT16_SCALE = {
 
 @dataclass(frozen=True)
 class Physics:
-    """Physics options of a render (everything except geometry and spectrum)."""
+    """Physics options of a render (everything except geometry and spectrum).
+
+    ``detector``: ``ideal`` (energy-integrating), ``photon_counting`` or ``csi`` (CsI of
+    ``csi_thickness_mm`` mm); ``output``: ``line_integral`` (log(I0/I)), ``transmission`` (I/I0),
+    ``intensity`` (keV per emitted photon) or ``neglog``; ``photons``: mean photons per pixel in the
+    open field (None: noiseless); ``electronic_noise``: Gaussian std in photon-equivalents per pixel;
+    ``solid_angle``: the cos³θ fall-off; ``step_voxels``: march step in units of the smallest voxel
+    spacing (mm); ``method``: ``trilinear`` or ``joseph``; ``scatter``: ``none``, ``fast`` or
+    ``monte_carlo`` with ``scatter_photons`` histories per image on a grid of ``scatter_bins`` pixels.
+    """
 
     detector: str = "ideal"
     output: str = "line_integral"
@@ -101,10 +110,12 @@ class Physics:
         return self.photons is not None
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as a JSON-friendly dict (field name -> value)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Physics:
+        """Inverse of :meth:`to_dict`; missing keys take the defaults, unknown keys raise PhysicsError."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -353,7 +353,10 @@ def monoenergetic(energy_kev: float) -> Spectrum:
 
 
 def get_spectrum(spec: str | Mapping[str, Any] | Spectrum) -> Spectrum:
-    """Spectrum from a preset name ("90KV_AL40"), "mono:60", a Spectrum, or a dict.
+    """Spectrum from a preset name ("90KV_AL40"), "mono:<keV>" ("mono:60"), a Spectrum, or a dict.
+
+    Tube voltage ``kvp`` in kV (40-150), filtration ``al_mm`` / ``cu_mm`` in mm, ``anode_angle_deg`` in
+    degrees, ``bin_kev`` and ``mono_kev`` in keV. The result's bins: (B,) energies in keV, (B,) weights.
 
     Dict forms: ``{"kvp": 90, "al_mm": 4, "cu_mm": 0, "anode_angle_deg": 12, "bin_kev": 1, "bins": 16}``
     (all but kvp optional; ``bins`` rebins to that many bins), ``{"preset": "90KV_AL40", "bins": 16}``,

@@ -42,6 +42,25 @@ def base_tool_mesh(tool: ToolSpec, resolve: Any) -> Any:
                      base_mm=tool.model_base_mm, **{"mode": "add", **overrides})
 
 
+def pose_tool(tool: ToolSpec, mesh: Any, world_from_patient: np.ndarray, rng: Any) -> Any:
+    """``mesh`` (the tool's model-frame mesh, :func:`base_tool_mesh`) posed as ``tool.pose`` says.
+
+    A fixed ``world_from_mesh`` (in the patient frame: composed with ``world_from_patient``, (4, 4)), or
+    one draw on the planned trajectory (:func:`drrfarm.meshes.sample_tool_pose`) from ``rng()``: a
+    callable returning the :class:`numpy.random.Generator` (called only for a trajectory).
+    """
+    from drrfarm.meshes import sample_tool_pose
+
+    pose = tool.pose
+    wfp = np.asarray(world_from_patient, dtype=np.float64) if pose.frame == "patient" else None
+    if pose.world_from_mesh is not None:
+        T = np.asarray(pose.world_from_mesh, dtype=np.float64).reshape(4, 4)
+        return mesh.posed(wfp @ T if wfp is not None else T)
+    return sample_tool_pose(mesh, pose.tip_mm, pose.base_mm, rng(), pose.advance_mm.for_sampler(),
+                            pose.twist_deg.for_sampler(), pose.tip_jitter_mm, pose.angle_jitter_deg,
+                            world_from_patient=wfp)
+
+
 class VolumeScene:
     """Tools, label projector and landmarks of one volume of a sweep.
 
@@ -110,21 +129,9 @@ class VolumeScene:
     # -- per image -----------------------------------------------------------------------------------
     def tools_for(self, pose_index: int) -> list[Any]:
         """The tools posed for one pose of this volume (the same in every spectrum / photon setting)."""
-        from drrfarm.meshes import sample_tool_pose
-
-        out = []
-        for k, (tool, mesh) in enumerate(zip(self.spec.tools, self.tools, strict=True)):
-            pose = tool.pose
-            wfp = self.world_from_patient if pose.frame == "patient" else None
-            if pose.world_from_mesh is not None:
-                T = np.asarray(pose.world_from_mesh, dtype=np.float64).reshape(4, 4)
-                out.append(mesh.posed(wfp @ T if wfp is not None else T))
-                continue
-            rng = tool_pose_rng(self.spec.seed, self.volume_index, pose_index, k)
-            out.append(sample_tool_pose(mesh, pose.tip_mm, pose.base_mm, rng, pose.advance_mm.for_sampler(),
-                                        pose.twist_deg.for_sampler(), pose.tip_jitter_mm, pose.angle_jitter_deg,
-                                        world_from_patient=wfp))
-        return out
+        return [pose_tool(tool, mesh, self.world_from_patient,
+                          lambda k=k: tool_pose_rng(self.spec.seed, self.volume_index, pose_index, k))
+                for k, (tool, mesh) in enumerate(zip(self.spec.tools, self.tools, strict=True))]
 
     def annotate(self, camera: Any, tools: list[Any]) -> dict[str, Any]:
         """The annotation fields of one image's row (see the module doc)."""

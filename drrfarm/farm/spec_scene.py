@@ -284,6 +284,17 @@ def tools(v: _Validator, value: Any, path: str) -> tuple[ToolSpec, ...]:
     return tuple(out)
 
 
+def parse_tools(items: Any, source: str = "--tool", base_dir: str | None = None) -> tuple[ToolSpec, ...]:
+    """Validate a list of ``tools:`` items (the sweep spec's syntax) outside a spec, e.g. from
+    ``drrfarm render --tool``. Relative mesh paths resolve against ``base_dir`` (default: the current
+    directory); a failure raises :class:`~drrfarm.errors.SpecError` naming ``source`` and the key path."""
+    from pathlib import Path
+
+    from drrfarm.farm.spec import _Validator
+
+    return tools(_Validator(source, Path(base_dir) if base_dir else Path.cwd()), items, "tools")
+
+
 def _check_material(v: _Validator, name: str, path: str) -> None:
     from drrfarm.errors import DrrfarmError
     from drrfarm.materials import canonical_material_name
