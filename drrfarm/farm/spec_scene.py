@@ -173,6 +173,9 @@ def draw(v: _Validator, value: Any, path: str, *, lo: float | None = None) -> Dr
                      "use a number, {uniform: [lo, hi]} or {normal: {mean, std, clip}}")
     axis = v.axis(value, path, lo=lo)
     if axis.kind == "values":
+        if len(axis.values) != 1:
+            v.fail(path, "a grid of values ({range: ...} or {values: [...]}) is not supported here (tool poses are "
+                         "drawn per image); use a number, {uniform: [lo, hi]} or {normal: {mean, std, clip}}")
         return Draw("fixed", axis.values[0])
     if axis.kind == "uniform":
         return Draw("uniform", axis.low, axis.high)
