@@ -322,19 +322,6 @@ def assign_shards(plan: Plan, indices: Sequence[int], n_actors: int) -> list[tup
 # Ray Data
 
 
-_ACTOR_CLASS: Any = None
-
-
-def _actor_class() -> Any:
-    """``ray.remote(StreamRenderer)``, made once."""
-    global _ACTOR_CLASS
-    if _ACTOR_CLASS is None:
-        import ray
-
-        _ACTOR_CLASS = ray.remote(StreamRenderer)
-    return _ACTOR_CLASS
-
-
 def _ensure_ray() -> None:
     import ray
 
@@ -381,8 +368,10 @@ def _start_actors(s: SweepSpec, n_shards: int, actors: int | None, gpus_per_acto
     options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": float(gpus_per_actor) if use_gpu else 0,
                                "max_concurrency": inflight, "max_restarts": s.farm.max_actor_restarts,
                                "max_task_retries": 2}
-    handles = [_actor_class().options(**options).remote(s, actor_backend, inflight, backend_options, max_volumes)
-               for _ in range(n)]
+    from drrfarm.farm.worker import remote_class
+
+    actor = remote_class(StreamRenderer).options(**options)
+    handles = [actor.remote(s, actor_backend, inflight, backend_options, max_volumes) for _ in range(n)]
     return _Actors(handles, inflight)
 
 

@@ -447,12 +447,6 @@ class RenderWorker:
             return stored
         return "float32"
 
-    def _sink_takes_planes(self) -> bool:
-        """Whether the sink stores uint16 Parquet (its delta codecs) and nothing else, so the GPU can hand it
-        the codec's transform (:class:`~drrfarm.sinks.parquet.DeltaPlanes`) instead of pixels."""
-        sink = self.sink
-        return sink.formats == ("parquet",) and sink.image_dtype == "uint16" and sink.parquet_compression == "zstd"
-
     # -- work --------------------------------------------------------------------------------------
     def render_images(self, task: ShardTask) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         """Render one shard's images: ``(images (B,H,W) float32, rows, info)`` (no writing)."""
@@ -488,7 +482,7 @@ class RenderWorker:
                 tallies = backend.scatter_tallies(handle, cameras, [spectrum] * len(cameras), physics,
                                                   list(task.seeds))
             slot = self._ring.acquire((len(cameras), cameras[0].height, cameras[0].width), dtype)
-            planes = dtype == "uint16" and self._sink_takes_planes()
+            planes = dtype == "uint16" and self.sink.takes_delta_planes
             try:
                 out, host = slot.plane_views(len(cameras)) if planes else slot.views(len(cameras))
                 t2 = time.perf_counter()
@@ -601,17 +595,17 @@ def _entry_dict(entry: Any) -> dict[str, Any]:
     return {"repr": repr(entry)}
 
 
-_ACTOR_CLASS: Any = None
+@functools.cache
+def remote_class(cls: type) -> Any:
+    """``ray.remote(cls)``, made once per class (Ray is imported here, not at module import)."""
+    import ray
+
+    return ray.remote(cls)
 
 
 def render_actor_class() -> Any:
-    """``ray.remote(RenderWorker)`` (created once; Ray is imported here, not at module import)."""
-    global _ACTOR_CLASS
-    if _ACTOR_CLASS is None:
-        import ray
-
-        _ACTOR_CLASS = ray.remote(RenderWorker)
-    return _ACTOR_CLASS
+    """``ray.remote(RenderWorker)``."""
+    return remote_class(RenderWorker)
 
 
 def actor_options(use_gpu: bool, cpus_per_actor: float = 1.0, max_restarts: int = 3, max_concurrency: int = 2,
@@ -640,4 +634,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["RenderWorker", "actor_options", "camera_for", "image_rows", "load_material_volume", "physics_for",
-           "render_actor_class", "resolve_input", "spectrum_request"]
+           "remote_class", "render_actor_class", "resolve_input", "spectrum_request"]

@@ -120,6 +120,12 @@ class ShardSink:
     def __repr__(self) -> str:
         return f"ShardSink({self.url!r}, formats={self.formats}, image_dtype={self.image_dtype!r})"
 
+    @property
+    def takes_delta_planes(self) -> bool:
+        """Whether this sink stores uint16 Parquet with the delta codec and nothing else, so a renderer can hand
+        :meth:`prepare` the codec's transform (:class:`~drrfarm.sinks.parquet.DeltaPlanes`) instead of pixels."""
+        return self.formats == ("parquet",) and self.image_dtype == "uint16" and self.parquet_compression == "zstd"
+
     # ------------------------------------------------------------------ preparation
     def _scales(self, images: np.ndarray, rows: Sequence[Mapping[str, Any]], image_scale: Any) -> np.ndarray:
         b = images.shape[0]
@@ -165,8 +171,7 @@ class ShardSink:
         from drrfarm.sinks.png import encode_png16, png_keys, sidecar_json
 
         check_shard_id(shard_id)
-        if isinstance(images, DeltaPlanes) and (self.formats != ("parquet",) or self.image_dtype != "uint16"
-                                                 or self.parquet_compression != "zstd"):
+        if isinstance(images, DeltaPlanes) and not self.takes_delta_planes:
             images = images.images()  # another output needs the pixels
         if not isinstance(images, DeltaPlanes):
             images = np.asarray(images)
