@@ -88,17 +88,24 @@ class Monitor:
         self._thread.join()
 
 
-def scaled_spec(path: Path, images: int | None, out_dir: Path) -> Path:
-    """The spec, with its C-arm beta grid scaled so that the sweep has ``images`` images."""
+def scaled_spec(path: Path, images: int | None, out_dir: Path, inflight: int | None = None) -> Path:
+    """The spec, with its C-arm beta grid scaled so that the sweep has ``images`` images, and
+    ``farm.inflight_per_actor`` set to ``inflight`` (an execution setting: the images are the same)."""
     import yaml
 
-    if not images:
+    if not images and not inflight:
         return path
     d = yaml.safe_load(path.read_text())
-    per_pose = len(d["spectra"]["presets"]) * len(d["detector"].get("photons", [None]))
-    alpha = d["poses"]["carm"]["alpha_deg"]["num"]
-    d["poses"]["carm"]["beta_deg"]["num"] = max(1, images // (per_pose * alpha))
-    d["name"] = f"{d.get('name', path.stem)}-{images}"
+    name = d.get("name", path.stem)
+    if images:
+        per_pose = len(d["spectra"]["presets"]) * len(d["detector"].get("photons", [None]))
+        alpha = d["poses"]["carm"]["alpha_deg"]["num"]
+        d["poses"]["carm"]["beta_deg"]["num"] = max(1, images // (per_pose * alpha))
+        name += f"-{images}"
+    if inflight:
+        d.setdefault("farm", {})["inflight_per_actor"] = inflight
+        name += f"-inflight{inflight}"
+    d["name"] = name
     p = out_dir / f"{d['name']}.yaml"
     p.write_text(yaml.safe_dump(d, sort_keys=False))
     return p
@@ -197,8 +204,9 @@ def sweep(spec_path: Path, out: Path) -> dict[str, Any]:
     def callback(event: str, data: dict[str, Any]) -> None:
         if event == "shard_done":
             mon.images += int(data.get("images", 0))
-            events.append({k: data.get(k) for k in ("render_s", "copy_s", "encode_s", "write_s", "seconds",
-                                                     "timings", "bytes")})
+            events.append({"t": time.perf_counter(), "time": time.time(), "images": int(data.get("images", 0)),
+                           **{k: data.get(k) for k in ("render_s", "copy_s", "encode_s", "write_s", "seconds",
+                                                       "timings", "bytes", "started", "shard_index")}})
 
     with mon:
         summary = run_sweep(str(spec_path), output=str(out), tracking=False, progress=False, callback=callback)
@@ -216,6 +224,7 @@ def sweep(spec_path: Path, out: Path) -> dict[str, Any]:
                   "gpu_mem_mib_at_25": q25["gpu_mem_mib"], "gpu_mem_mib_end": last["gpu_mem_mib"],
                   "host_gib_at_25": q25["host_used_gib"], "host_gib_end": last["host_used_gib"]}
     return {
+        "steady_images_per_s": steady_rate(events), "shard_timings": mean_timings(events), "shards": events,
         "summary": {k: s[k] for k in ("images_rendered", "shards_rendered", "images_per_s", "render_seconds", "seconds",
                                       "complete", "retries", "failures", "actor_errors", "shard_seconds",
                                       "bytes_written", "inflight_per_actor", "encode_threads", "status")},
@@ -227,12 +236,32 @@ def sweep(spec_path: Path, out: Path) -> dict[str, Any]:
     }
 
 
+def steady_rate(events: list[dict[str, Any]]) -> float | None:
+    """Images/s between the commits of 10 % and 90 % of the images (no pipeline fill or drain)."""
+    total = sum(e["images"] for e in events)
+    done, t10, n10 = 0, None, 0
+    for e in events:
+        done += e["images"]
+        if t10 is None and done >= 0.1 * total:
+            t10, n10 = e["t"], done
+        if done >= 0.9 * total:
+            return (done - n10) / (e["t"] - t10) if t10 is not None and e["t"] > t10 else None
+    return None
+
+
+def mean_timings(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of each of the actor's per-shard clocks (``timings``: set-up, waits for a buffer and the GPU, ...)."""
+    keys = sorted({k for e in events for k in (e.get("timings") or {})})
+    return {k: float(np.mean([(e.get("timings") or {}).get(k, 0.0) for e in events])) for k in keys}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("specs", nargs="+", type=Path)
     ap.add_argument("--output", type=Path, default=Path("/tmp/drrfarm-bench-sweeps"))
     ap.add_argument("--images", type=int, default=None, help="scale the C-arm grid to this many images")
     ap.add_argument("--inprocess-images", type=int, default=2048)
+    ap.add_argument("--inflight", type=int, default=None, help="set farm.inflight_per_actor (shards per actor)")
     ap.add_argument("--keep", action="store_true", help="keep the sweeps' output")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -243,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "gpu": _gpu_name(), "cpus": os.cpu_count(),
                                "specs": {}}
     for path in args.specs:
-        path = scaled_spec(path, args.images, args.output)
+        path = scaled_spec(path, args.images, args.output, args.inflight)
         spec = load_spec(path)
         name = spec.name or path.stem
         out = args.output / name
@@ -264,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{ {k: round(v, 3) for k, v in sw['memory_growth_25_to_100'].items()} }, per shard "
               f"{ {k: round(v, 4) for k, v in t.items()} }, {sw['bytes_per_image'] / 1e6:.2f} MB/image, "
               f"stored == GPU render: {r.get('stored_equals_gpu_render')}", flush=True)
+        steady = sw["steady_images_per_s"]
+        print(f"   steady (10-90 % of the images) {steady or float('nan'):.0f} images/s; actor clocks per shard "
+              f"{ {k: round(v, 4) for k, v in sw['shard_timings'].items()} }", flush=True)
         results["specs"][name] = r
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)

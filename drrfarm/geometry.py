@@ -70,6 +70,27 @@ def rot_z(deg: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
+def _rotations(deg: np.ndarray, axis: int) -> np.ndarray:
+    """(N, 3, 3) active rotations by ``deg`` (N,) degrees about +x (``axis`` 0) or +z (2), as :func:`rot_x` /
+    :func:`rot_z` build them one by one."""
+    c = np.array([math.cos(math.radians(x)) for x in deg.tolist()], dtype=np.float64)
+    s = np.array([math.sin(math.radians(x)) for x in deg.tolist()], dtype=np.float64)
+    out = np.zeros((deg.size, 3, 3), dtype=np.float64)
+    i, j, k = (1, 2, 0) if axis == 0 else (0, 1, 2)
+    out[:, i, i] = c
+    out[:, i, j] = -s
+    out[:, j, i] = s
+    out[:, j, j] = c
+    out[:, k, k] = 1.0
+    return out
+
+
+def _snap_rotations(R: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) rotations snapped to the nearest exact rotation, as :class:`Camera` does for one."""
+    U, _, Vt = np.linalg.svd(R)
+    return np.matmul(U, Vt)
+
+
 def _finite_array(value: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
     try:
         arr = np.array(value, dtype=np.float64)
@@ -185,6 +206,17 @@ class Camera:
         object.__setattr__(self, "height", _positive_int(self.height, "height"))
         object.__setattr__(self, "width", _positive_int(self.width, "width"))
         object.__setattr__(self, "pixel_mm", _positive_float(self.pixel_mm, "pixel_mm"))
+
+    @classmethod
+    def _trusted(cls, K: np.ndarray, R: np.ndarray, t: np.ndarray, height: int, width: int, pixel_mm: float
+                 ) -> Camera:
+        """A camera from parts that are already valid (K normalised, R an exact rotation, finite t): what
+        ``Camera(...)`` would make of them, without checking them again (builders of many cameras)."""
+        cam = object.__new__(cls)
+        for name, value in (("K", K), ("R", R), ("t", t), ("height", int(height)), ("width", int(width)),
+                            ("pixel_mm", float(pixel_mm))):
+            object.__setattr__(cam, name, value)
+        return cam
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -491,15 +523,41 @@ class CArm:
                 (3,),
             )
         )
-        R_device = rot_x(b) @ rot_z(-a)
-        # camera axes in world = R_device applied to the zero-angle axes; world->camera is the transpose.
-        R = _R0_CAM_FROM_WORLD @ R_device.T
-        # roll: camera coords (x, y) -> (x cos g + y sin g, -x sin g + y cos g): content turns CCW on the
-        # display (v points down), i.e. the detector itself turns by +g from +u toward +v.
-        R = rot_z(-g) @ R
-        source = iso - self.sid_mm * (R_device @ np.array([0.0, 1.0, 0.0]))
-        t = -R @ source
-        return Camera(self.K, R, t, self.height, self.width, self.pixel_mm)
+        return self.cameras([a], [b], [g], iso[None])[0]
+
+    def cameras(self, alpha_deg: Any, beta_deg: Any, gamma_deg: Any, isocentres_world_mm: Any = None) -> list[Camera]:
+        """Cameras of many poses at once (the same cameras as :meth:`camera`, one per entry): ``alpha_deg``,
+        ``beta_deg``, ``gamma_deg`` (N,) degrees, ``isocentres_world_mm`` (N, 3) mm or None (the C-arm's)."""
+        a = np.asarray(alpha_deg, dtype=np.float64).reshape(-1)
+        b = np.asarray(beta_deg, dtype=np.float64).reshape(-1)
+        g = np.asarray(gamma_deg, dtype=np.float64).reshape(-1)
+        n = a.size
+        if b.size != n or g.size != n:
+            raise GeometryError(f"alpha_deg/beta_deg/gamma_deg: {n}, {b.size} and {g.size} values; give one per pose")
+        given = self.isocentre_world_mm if isocentres_world_mm is None else isocentres_world_mm
+        try:
+            iso = np.broadcast_to(np.asarray(given, dtype=np.float64), (n, 3))
+        except ValueError as exc:
+            raise GeometryError(f"isocentres_world_mm: expected shape ({n}, 3), got {np.shape(given)}") from exc
+        for name, v in (("alpha_deg", a), ("beta_deg", b), ("gamma_deg", g), ("isocentre_world_mm", iso)):
+            if not np.all(np.isfinite(v)):
+                raise GeometryError(f"{name}: must be finite, got {v[~np.isfinite(v)].ravel()[0]!r}")
+        if self.enforce_limits:
+            for name, v, (lo, hi) in (("alpha_deg", a, self.alpha_range_deg), ("beta_deg", b, self.beta_range_deg)):
+                bad = (v < lo) | (v > hi)
+                if bad.any():
+                    raise GeometryError(f"{name}: {v[bad][0]:g} outside the C-arm range [{lo:g}, {hi:g}]")
+        # R_device = rot_x(beta) @ rot_z(-alpha); the camera axes in world are R_device applied to the
+        # zero-angle axes, so world->camera is its transpose. Roll: camera coords (x, y) ->
+        # (x cos g + y sin g, -x sin g + y cos g): content turns CCW on the display (v points down), i.e. the
+        # detector itself turns by +g from +u toward +v. (math.cos/sin per angle: the same values as rot_x/rot_z.)
+        R_device = np.matmul(_rotations(b, 0), _rotations(-a, 2))
+        R = np.matmul(_rotations(-g, 2), np.matmul(_R0_CAM_FROM_WORLD, np.swapaxes(R_device, 1, 2)))
+        source = iso - self.sid_mm * R_device[:, :, 1]
+        t = -np.matmul(R, source[:, :, None])[:, :, 0]
+        R = _snap_rotations(R)
+        K = self.K
+        return [Camera._trusted(K, R[i], t[i], self.height, self.width, self.pixel_mm) for i in range(n)]
 
     def camera_for_pose(self, pose: Mapping[str, Any]) -> Camera:
         """Camera for a pose dict from :func:`carm_grid` / :func:`sample_carm_poses`.

@@ -243,3 +243,29 @@ def test_worker_gpu_path_stores_the_cpu_quantisation_of_the_float_render(setting
         else:
             np.testing.assert_array_equal(images, ref.astype(np.float16))
     worker.close()
+
+
+def test_actor_start_builds_the_layouts_its_shards_use(setting, tmp_path: Path) -> None:
+    """``RenderWorker.start`` with a sample of the sweep's poses builds the volume layouts before the first
+    shard: rendering every shard afterwards builds none (a layout built mid-sweep holds up the GPU queue)."""
+    from drrfarm.farm.plan import WARM_POSES, make_plan
+    from drrfarm.farm.spec import load_spec
+    from drrfarm.farm.worker import RenderWorker
+
+    spec_path = _spec(setting["dir"], tmp_path / "warm", ["parquet"], "uint16")
+    d = yaml.safe_load(spec_path.read_text())
+    d["poses"]["carm"]["beta_deg"] = [0, 60, 120]  # views along more than one volume axis
+    spec_path.write_text(yaml.safe_dump(d))
+    spec = load_spec(spec_path)
+    plan = make_plan(spec)
+    worker = RenderWorker(spec, backend="cuda", concurrency=2, encode_threads=2)
+    try:
+        worker.start([0], plan.sample_poses(WARM_POSES))
+        vol = worker.volume(0)[0]
+        built = set(vol.layouts)
+        assert len(built) >= 2
+        for shard in plan.shards:
+            worker.render_shard(plan.task(shard.index))
+        assert set(vol.layouts) == built
+    finally:
+        worker.close()

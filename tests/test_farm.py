@@ -202,6 +202,46 @@ def test_worker_renders_what_the_backend_renders(phantoms: Path, tmp_path: Path)
     np.testing.assert_allclose(np.reshape(r["P"], (3, 4)), cams[0].P)
 
 
+def test_camera_cache_builds_each_pose_once_in_one_batch(tmp_path: Path) -> None:
+    """A shard's cameras are built together, cached by pose, and equal the one-by-one cameras and columns."""
+    from drrfarm.farm.worker import CameraCache, camera_columns, camera_for
+
+    d = base_spec(tmp_path, tmp_path / "out")
+    d["poses"] = {"carm": {"alpha_deg": {"range": [-30, 30], "num": 5}, "beta_deg": [0, 15],
+                           "sdd_mm": [1000, 1100]}}
+    spec = load_spec(write_spec(tmp_path / "s.yaml", d))
+    plan = make_plan(spec)
+    poses = [plan.poses.pose(i) for i in range(plan.n_poses)]
+    cache = CameraCache(spec)
+    first = cache.get_many(poses[:7])
+    assert cache.get_many(poses[:7])[3][0] is first[3][0]  # cached: the same object
+    for pose, (cam, cols) in zip(poses, cache.get_many(poses), strict=True):
+        one = camera_for(spec, pose)
+        assert cam.sdd_mm == pytest.approx(pose.sdd_mm)
+        np.testing.assert_array_equal(cam.R, one.R)
+        np.testing.assert_array_equal(cam.t, one.t)
+        assert cols == camera_columns(one)
+        assert cols["P"] == [float(x) for x in one.P.ravel()]
+        assert cols["source_world_mm"] == [float(x) for x in one.source_world_mm.ravel()]
+
+
+def test_worker_sets_the_switch_interval_of_its_process(phantoms: Path, tmp_path: Path) -> None:
+    import sys
+
+    from drrfarm.farm.worker import RenderWorker
+
+    spec = load_spec(write_spec(tmp_path / "s.yaml", base_spec(phantoms, tmp_path / "out")))
+    before = sys.getswitchinterval()
+    try:
+        RenderWorker(spec, backend="cpu", warm_up=False, switch_interval_s=0.0007).close()
+        assert sys.getswitchinterval() == pytest.approx(0.0007)
+        sys.setswitchinterval(before)
+        RenderWorker(spec, backend="cpu", warm_up=False).close()
+        assert sys.getswitchinterval() == before  # None leaves it
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_worker_recovers_from_a_failed_write(phantoms: Path, tmp_path: Path) -> None:
     """A storage failure fails that shard only; the next shards (and the retry) are committed."""
     from drrfarm.farm.worker import RenderWorker

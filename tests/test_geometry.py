@@ -17,6 +17,8 @@ from drrfarm.geometry import (
     CArm,
     carm_grid,
     check_source_outside,
+    rot_x,
+    rot_z,
     sample_carm_poses,
     volume_box_corners_world,
     world_from_patient_default,
@@ -328,6 +330,40 @@ def test_carm_angle_limits():
         arm.camera(gamma_deg=float("nan"))
     free = CArm(enforce_limits=False)
     np.testing.assert_allclose(free.camera(alpha_deg=-90).principal_ray_world, [-1, 0, 0], atol=1e-12)
+
+
+def test_carm_cameras_batch_equals_one_by_one_and_the_formula():
+    arm = CArm(height=64, width=48, pixel_mm=0.8, isocentre_world_mm=(5.0, -3.0, 2.0))
+    rng = np.random.default_rng(3)
+    a, b, g = rng.uniform(-40, 110, 25), rng.uniform(-225, 225, 25), rng.uniform(-90, 90, 25)
+    iso = rng.uniform(-60, 60, (25, 3))
+    batch = arm.cameras(a, b, g, iso)
+    for i, cam in enumerate(batch):
+        one = arm.camera(a[i], b[i], g[i], iso[i])
+        for name in ("K", "R", "t"):
+            np.testing.assert_array_equal(getattr(cam, name), getattr(one, name))
+        # the convention written out: R_device = R_x(beta) R_z(-alpha), roll R_z(-gamma) after the device axes
+        r_device = rot_x(b[i]) @ rot_z(-a[i])
+        r0 = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+        R = rot_z(-g[i]) @ r0 @ r_device.T
+        np.testing.assert_allclose(cam.R, R, atol=1e-12)
+        np.testing.assert_allclose(cam.source_world_mm, iso[i] - arm.sid_mm * r_device[:, 1], atol=1e-9)
+        checked = Camera(cam.K, cam.R, cam.t, cam.height, cam.width, cam.pixel_mm)  # passes validation
+        np.testing.assert_allclose(checked.P, cam.P, atol=1e-9)
+    default_iso = arm.cameras([0.0], [0.0], [0.0])[0]
+    np.testing.assert_allclose(default_iso.project([5.0, -3.0, 2.0]), [23.5, 31.5], atol=1e-9)
+
+
+def test_carm_cameras_validation_names_parameter():
+    arm = CArm()
+    with pytest.raises(GeometryError, match="^beta_deg: 300 outside"):
+        arm.cameras([0.0, 10.0], [0.0, 300.0], [0.0, 0.0])
+    with pytest.raises(GeometryError, match="^gamma_deg:"):
+        arm.cameras([0.0], [0.0], [np.inf])
+    with pytest.raises(GeometryError, match="one per pose"):
+        arm.cameras([0.0, 1.0], [0.0], [0.0, 0.0])
+    with pytest.raises(GeometryError, match="^isocentres_world_mm:"):
+        arm.cameras([0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [[0.0, 0.0]])
 
 
 def test_camera_for_pose_sdd_override():

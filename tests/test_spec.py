@@ -154,12 +154,31 @@ def test_hash_independent_of_working_directory(tmp_path: Path, monkeypatch: pyte
         ({"backend": "tpu"}, "backend", "must be one of auto, cpu, cuda"),
         ({"version": 2}, "version", "unsupported spec version"),
         ({"farm": {"inflight_per_actor": 0}}, "farm.inflight_per_actor", "must be >= 1"),
+        ({"farm": {"switch_interval_ms": 0}}, "farm.switch_interval_ms", "must be >= 0.01"),
     ],
 )
 def test_bad_specs(tmp_path: Path, changes: dict, path: str, reason: str) -> None:
     msg = error_of(tmp_path, spec_with(**changes))
     assert f": {path}: " in msg, msg
     assert reason in msg, msg
+
+
+def test_farm_inflight_and_switch_interval_defaults() -> None:
+    """GPU actors keep more small shards in flight (square root of the size ratio, at most 4x) and switch
+    threads every 0.5 ms; a setting wins; CPU actors keep 2 and Python's interval."""
+    from drrfarm.farm.spec import FarmSpec
+
+    farm = FarmSpec()
+    mpx = 1024 * 1024
+    assert farm.inflight(True, 16, 64 * mpx) == 18
+    assert farm.inflight(True, 16, 64 * mpx // 4) == 36  # 64 images of 512²
+    assert farm.inflight(True, 16, 64 * mpx * 4) == 18  # larger shards: never fewer than threads + 2
+    assert farm.inflight(True, 16, 1) == 64  # capped
+    assert farm.inflight(True, 4, 64 * 256 * 256) == 24  # at most 4x
+    assert farm.inflight(False, 16, 64 * 512 * 512) == 2
+    assert FarmSpec(inflight_per_actor=5).inflight(True, 16, 64 * 512 * 512) == 5
+    assert farm.switch_interval_s(True) == pytest.approx(0.0005) and farm.switch_interval_s(False) is None
+    assert FarmSpec(switch_interval_ms=2.0).switch_interval_s(False) == pytest.approx(0.002)
 
 
 def test_yaml_level_errors(tmp_path: Path) -> None:

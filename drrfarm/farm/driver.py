@@ -53,7 +53,7 @@ from drrfarm.errors import (
     StorageError,
     VolumeError,
 )
-from drrfarm.farm.plan import Plan, format_bytes, make_plan
+from drrfarm.farm.plan import WARM_POSES, Plan, format_bytes, make_plan
 from drrfarm.farm.spec import SweepSpec, load_spec
 
 #: application errors a retry cannot fix: their shard fails at once
@@ -414,7 +414,9 @@ class _Farm:
         self.slots: list[_Slot] = []
         self.cpus_per_gpu = (self.farm.cpus_per_gpu or cpus_per_gpu_of_cluster()) if use_gpu else None
         self.encode_threads = max(1, int(self.cpus_per_gpu if use_gpu else self.farm.cpus_per_actor))
-        self.inflight = self.farm.inflight(use_gpu, self.encode_threads)
+        img = plan.spec.image
+        self.inflight = self.farm.inflight(use_gpu, self.encode_threads,
+                                           plan.spec.output.shard_size * img.height * img.width)
         self.shard_seconds: dict[str, float] = {}  # summed over shards: render, copy, encode, write
         self.bytes_written = 0
         self.t_first: float | None = None
@@ -432,7 +434,8 @@ class _Farm:
         if self.backend == "cpu":
             backend_options["threads"] = max(1, int(self.farm.cpus_per_actor))
         return render_actor_class().options(**opts).remote(
-            self.spec, self.run_id, self.backend, self.inflight, 2, backend_options, True, self.encode_threads)
+            self.spec, self.run_id, self.backend, self.inflight, 2, backend_options, True, self.encode_threads,
+            switch_interval_s=self.farm.switch_interval_s(self.use_gpu))
 
     def _first_volumes(self) -> list[int]:
         """The volume each new actor loads before the clock starts: round robin over the volumes with work."""
@@ -448,8 +451,9 @@ class _Farm:
         if not self.slots and self.elastic:
             return  # GPUs join later: grow() adds their actors
         pings = {}
+        poses = self.plan.sample_poses(WARM_POSES) if self.use_gpu else []
         for s, v in zip(self.slots, self._first_volumes(), strict=True):
-            pings[s.handle.start.remote([] if v is None else [v])] = s
+            pings[s.handle.start.remote([] if v is None else [v], poses)] = s
             if v is not None:
                 s.volumes.add(v)
         deadline = time.monotonic() + startup_timeout_s

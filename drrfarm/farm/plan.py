@@ -32,6 +32,7 @@ from drrfarm.errors import SpecError
 from drrfarm.farm.spec import CARM_AXES, AxisSpec, SweepSpec
 
 _DTYPE_BYTES = {"uint16": 2, "float16": 2, "float32": 4}
+WARM_POSES = 256  # poses (evenly spread over the sweep) whose volume layouts a GPU actor builds before its first shard
 _ROW_METADATA_BYTES = 1024  # per image: camera, spectrum, ids (Parquet columns or PNG JSON sidecar)
 
 
@@ -246,6 +247,14 @@ class Plan:
             return self._by_id[shard_id_or_index]
         except KeyError:
             raise KeyError(f"no shard {shard_id_or_index!r} in sweep {self.sweep_id}") from None
+
+    def sample_poses(self, n: int) -> list[Pose]:
+        """Up to ``n`` of the sweep's poses, evenly spread over the pose table (first and last included)."""
+        total = len(self.poses)
+        if total == 0 or n <= 0:
+            return []
+        picks = np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(np.int64))
+        return [self.poses.pose(int(i)) for i in picks]
 
     def shard_ids(self) -> list[str]:
         return [s.shard_id for s in self.shards]

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from drrfarm.errors import BackendError, SpecError, StorageError
-from drrfarm.farm.plan import Plan, make_plan
+from drrfarm.farm.plan import WARM_POSES, Plan, make_plan
 from drrfarm.farm.spec import BACKENDS, SweepSpec, load_spec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -220,7 +220,7 @@ class StreamRenderer:
 
     def start(self, volume_indices: Sequence[int] = ()) -> dict[str, Any]:
         """Make volumes resident before the first shard (:meth:`RenderWorker.start`); returns the worker's info."""
-        return self.worker.start(list(volume_indices))
+        return self.worker.start(list(volume_indices), self.plan.sample_poses(WARM_POSES))
 
     def render(self, index: int) -> RenderedRows:
         """Shard ``index`` of the plan, rendered by the farm's worker (the GPU ring's uint16 where it applies)."""

@@ -36,6 +36,7 @@ import contextlib
 import functools
 import os
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -109,16 +110,32 @@ def scatter_options(spec: SweepSpec) -> dict[str, Any]:
 
 def camera_for(spec: SweepSpec, pose: Pose) -> Any:
     """The :class:`drrfarm.geometry.Camera` of one pose (image size/pixel from ``spec.image``)."""
+    return cameras_for(spec, [pose])[0]
+
+
+def cameras_for(spec: SweepSpec, poses: list[Pose] | tuple[Pose, ...]) -> list[Any]:
+    """The cameras of many poses (as :func:`camera_for` for each): C-arm poses built together, per C-arm."""
     from drrfarm.geometry import Camera
 
     img = spec.image
-    if pose.kind == "explicit":
-        P = np.asarray(pose.P, dtype=np.float64).reshape(3, 4)
-        return Camera.from_projection(P, img.height, img.width, img.pixel_mm)
+    cams: list[Any] = [None] * len(poses)
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, pose in enumerate(poses):
+        if pose.kind == "explicit":
+            P = np.asarray(pose.P, dtype=np.float64).reshape(3, 4)
+            cams[i] = Camera.from_projection(P, img.height, img.width, img.pixel_mm)
+        else:
+            groups.setdefault((pose.sdd_mm or 1020.0, pose.sid_mm or 530.0), []).append(i)
     carm = spec.poses.carm
     enforce = carm.enforce_limits if carm is not None else True
-    arm = _carm(pose.sdd_mm or 1020.0, pose.sid_mm or 530.0, img.height, img.width, img.pixel_mm, enforce)
-    return arm.camera(pose.alpha_deg, pose.beta_deg, pose.gamma_deg, pose.isocentre_world_mm)
+    for (sdd, sid), members in groups.items():
+        arm = _carm(sdd, sid, img.height, img.width, img.pixel_mm, enforce)
+        group = [poses[i] for i in members]
+        built = arm.cameras([p.alpha_deg for p in group], [p.beta_deg for p in group],
+                            [p.gamma_deg for p in group], [p.isocentre_world_mm for p in group])
+        for i, cam in zip(members, built, strict=True):
+            cams[i] = cam
+    return cams
 
 
 @functools.lru_cache(maxsize=256)
@@ -156,15 +173,26 @@ def storage_scale(output: str) -> float:
     return float(UINT16_SCALE[output])
 
 
-def _flat(a: Any) -> list[float]:
-    return [float(x) for x in np.asarray(a, dtype=np.float64).ravel()]
-
-
 def camera_columns(cam: Any) -> dict[str, Any]:
     """The camera's columns of an image row: size, pixel pitch, K, R, t, P and source (flat, row-major)."""
-    return {"height": int(cam.height), "width": int(cam.width), "pixel_mm": float(cam.pixel_mm),
-            "K": _flat(cam.K), "R": _flat(cam.R), "t": _flat(cam.t), "P": _flat(cam.P),
-            "source_world_mm": _flat(cam.source_world_mm), "sdd_mm": float(cam.sdd_mm)}
+    return cameras_columns([cam])[0]
+
+
+def cameras_columns(cams: list[Any]) -> list[dict[str, Any]]:
+    """:func:`camera_columns` of many cameras (the matrices flattened together)."""
+    if not cams:
+        return []
+    K = np.stack([c.K for c in cams])
+    R = np.stack([c.R for c in cams])
+    t = np.stack([c.t for c in cams])
+    P = np.matmul(K, np.concatenate([R, t[:, :, None]], axis=2))
+    source = -np.matmul(np.swapaxes(R, 1, 2), t[:, :, None])[:, :, 0]
+    flat = {name: a.reshape(len(cams), -1).tolist() for name, a in
+            (("K", K), ("R", R), ("t", t), ("P", P), ("source_world_mm", source))}
+    return [{"height": int(c.height), "width": int(c.width), "pixel_mm": float(c.pixel_mm),
+             "K": flat["K"][i], "R": flat["R"][i], "t": flat["t"][i], "P": flat["P"][i],
+             "source_world_mm": flat["source_world_mm"][i], "sdd_mm": float(c.sdd_mm)}
+            for i, c in enumerate(cams)]
 
 
 class CameraCache:
@@ -179,16 +207,23 @@ class CameraCache:
 
     def get(self, pose: Pose) -> tuple[Any, dict[str, Any]]:
         """``(Camera, camera_columns)`` of ``pose``."""
-        hit = self._entries.get(pose.index)
-        if hit is not None:
-            return hit
-        cam = camera_for(self.spec, pose)
-        entry = (cam, camera_columns(cam))
+        return self.get_many([pose])[0]
+
+    def get_many(self, poses: list[Pose] | tuple[Pose, ...]) -> list[tuple[Any, dict[str, Any]]]:
+        """``(Camera, camera_columns)`` of each pose; the missing ones built together."""
+        entries = self._entries
+        found = [entries.get(p.index) for p in poses]
+        missing = [p for p, e in zip(poses, found, strict=True) if e is None]
+        if not missing:
+            return found  # type: ignore[return-value]
+        cams = cameras_for(self.spec, missing)
+        built = dict(zip((p.index for p in missing), zip(cams, cameras_columns(cams), strict=True), strict=True))
         with self._lock:
-            if len(self._entries) >= self.max_entries:
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[pose.index] = entry
-        return entry
+            for index, entry in built.items():
+                if len(entries) >= self.max_entries:
+                    entries.pop(next(iter(entries)))
+                entries[index] = entry
+        return [e if e is not None else built[p.index] for p, e in zip(poses, found, strict=True)]
 
 
 def image_rows(spec: SweepSpec, task: ShardTask, cameras: list[Any], spectrum: Any, photons: float | None,
@@ -196,22 +231,24 @@ def image_rows(spec: SweepSpec, task: ShardTask, cameras: list[Any], spectrum: A
                ) -> list[dict[str, Any]]:
     """Per-image metadata rows (the columns every shard carries, see the sinks contract); ``columns``:
     the cameras' :func:`camera_columns`, if already known."""
+    columns = columns or cameras_columns(list(cameras))
+    shared = {  # the same in every row of the shard
+        "shard_id": task.shard_id, "sweep_id": task.sweep_id, "volume_id": volume_id, "volume_sha256": volume_sha256,
+        "kvp": float(spectrum.kvp) if spectrum.kvp is not None else None,
+        "al_mm": float(spectrum.al_mm or 0.0), "cu_mm": float(spectrum.cu_mm or 0.0),
+        "spectrum_name": str(spectrum.name), "mean_energy_kev": float(spectrum.mean_energy_kev),
+        "photons": int(photons) if photons is not None else None,
+        "detector": spec.detector.model, "output": spec.detector.output,
+    }
     rows = []
-    columns = columns or [camera_columns(c) for c in cameras]
     for pose, cols, idx, seed in zip(task.poses, columns, task.image_indices, task.seeds, strict=True):
         carm = pose.kind == "carm"
         rows.append({
-            "image_index": int(idx), "seed": int(seed), "shard_id": task.shard_id, "sweep_id": task.sweep_id,
-            "volume_id": volume_id, "volume_sha256": volume_sha256, **cols,
+            "image_index": int(idx), "seed": int(seed), **shared, **cols,
             "alpha_deg": float(pose.alpha_deg) if carm else None,
             "beta_deg": float(pose.beta_deg) if carm else None,
             "gamma_deg": float(pose.gamma_deg) if carm else None,
             "isocentre_world_mm": list(pose.isocentre_world_mm) if carm else None,
-            "kvp": float(spectrum.kvp) if spectrum.kvp is not None else None,
-            "al_mm": float(spectrum.al_mm or 0.0), "cu_mm": float(spectrum.cu_mm or 0.0),
-            "spectrum_name": str(spectrum.name), "mean_energy_kev": float(spectrum.mean_energy_kev),
-            "photons": int(photons) if photons is not None else None,
-            "detector": spec.detector.model, "output": spec.detector.output,
             "sid_mm": float(pose.sid_mm) if carm and pose.sid_mm is not None else None,
             "pose_index": int(pose.index),
         })
@@ -262,13 +299,19 @@ class RenderWorker:
     worker works on at once (the driver's in-flight bound; on the CUDA backend also the number of
     reusable image buffers); ``max_volumes``: volumes kept resident (LRU); ``warm_up``: start the
     backend and build the spectra in the constructor (so the first shard is not slower than the
-    others); ``encode_threads``: threads that code a shard's images (default: this process's CPUs).
+    others); ``encode_threads``: threads that code a shard's images (default: this process's CPUs);
+    ``switch_interval_s``: the GIL switch interval to set for this process (:func:`sys.setswitchinterval`;
+    a render actor owns its process; None leaves it).
     """
 
     def __init__(self, spec: SweepSpec, run_id: str | None = None, backend: str = "cpu",
                  concurrency: int = 2, max_volumes: int = 2, backend_options: dict[str, Any] | None = None,
-                 warm_up: bool = True, encode_threads: int | None = None) -> None:
+                 warm_up: bool = True, encode_threads: int | None = None,
+                 switch_interval_s: float | None = None) -> None:
         from drrfarm.sinks import ShardSink
+
+        if switch_interval_s is not None:
+            sys.setswitchinterval(float(switch_interval_s))
 
         self.spec = spec
         self.run_id = run_id
@@ -278,6 +321,7 @@ class RenderWorker:
         self.max_volumes = max(1, int(max_volumes))
         self._volumes: OrderedDict[int, _Resident] = OrderedDict()
         self._spectra: dict[int, Any] = {}
+        self._physics: dict[int, Any] = {}  # by photon setting
         self._cameras = CameraCache(spec)
         self._render_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -313,19 +357,27 @@ class RenderWorker:
             with contextlib.suppress(ImportError):
                 import PIL.PngImagePlugin  # noqa: F401
 
-    def start(self, volume_indices: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+    def start(self, volume_indices: list[int] | tuple[int, ...] = (), poses: list[Pose] | tuple[Pose, ...] = ()
+              ) -> dict[str, Any]:
         """Make ``volume_indices`` resident and allocate the image buffers (the driver calls this before the
-        sweep's clock starts); returns :meth:`info`. A volume that fails to load is left to its shards,
-        which report the error."""
+        sweep's clock starts); returns :meth:`info`. ``poses``: a sample of the sweep's poses, whose volume
+        layouts a GPU backend builds now (:meth:`~drrfarm.render.cuda.CudaBackend.warm_layouts`). A volume
+        that fails to load is left to its shards, which report the error."""
         errors = {}
         if self._ring is not None:
             img = self.spec.image
             self._ring.reserve((self.spec.output.shard_size, img.height, img.width), self._device_dtype())
         for v in volume_indices:
             try:
-                self._resident(int(v))
+                res, _ = self._resident(int(v))
             except Exception as exc:  # noqa: BLE001 - the shards of this volume fail with the same error
                 errors[int(v)] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            warm = getattr(self.backend(), "warm_layouts", None)
+            if poses and warm is not None:
+                with contextlib.suppress(DrrfarmError):  # a pose that cannot render fails its own shard
+                    photons = self.spec.detector.photons[0]
+                    warm(res.handle, cameras_for(self.spec, poses), physics_for(self.spec, photons))
         info = self.info()
         if errors:
             info["preload_errors"] = errors
@@ -463,8 +515,10 @@ class RenderWorker:
         handle, vinfo, loaded = self.volume(task.volume_index)
         spectrum = self.spectrum(task.spectrum_index)
         photons = self.spec.detector.photons[task.photons_index]
-        physics = physics_for(self.spec, photons)
-        cameras, columns = zip(*(self._cameras.get(p) for p in task.poses), strict=True)
+        physics = self._physics.get(task.photons_index)
+        if physics is None:
+            physics = self._physics.setdefault(task.photons_index, physics_for(self.spec, photons))
+        cameras, columns = zip(*self._cameras.get_many(task.poses), strict=True)
         cameras = list(cameras)
         scene = self.scene(task.volume_index)
         tools = [scene.tools_for(p.index) for p in task.poses] if scene is not None and scene.tools else None
@@ -529,6 +583,7 @@ class RenderWorker:
 
     def render_shard(self, task: ShardTask) -> dict[str, Any]:
         """Render, encode and commit one shard; returns its stats once the manifest entry exists."""
+        started = time.time()
         t0 = time.perf_counter()
         shard = self._render(task)
         t1 = time.perf_counter()
@@ -556,7 +611,7 @@ class RenderWorker:
             "volume_loaded": shard.info["volume_loaded"], "volume_info": shard.info["volume"],
             "render_s": shard.seconds.get("render_s", t1 - t0), "copy_s": shard.seconds.get("copy_s", 0.0),
             "encode_s": t2 - t1, "write_s": t3 - t2, "wait_s": shard.seconds.get("lock_wait_s", 0.0),
-            "timings": shard.seconds, "scatter_s": shard.info["scatter_s"], "seconds": t3 - t0,
+            "timings": shard.seconds, "scatter_s": shard.info["scatter_s"], "seconds": t3 - t0, "started": started,
             "bytes": int(sum(entry.bytes.values())), "entry": _entry_dict(entry),
         })
         return stats

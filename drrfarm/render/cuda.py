@@ -572,6 +572,20 @@ class CudaBackend:
                 self._ensure_layouts(vol, set(int(a) for a in layouts))
             return vol
 
+    def warm_layouts(self, vol: CudaVolume, cameras: Sequence[Any], physics: Any) -> list[int]:
+        """Build now the slice layouts that renders of ``cameras`` (same size) with ``physics`` use -- else the
+        first render that needs one builds it, holding up every render queued behind it; returns the axes."""
+        if not cameras:
+            return []
+        h0 = float(physics.step_voxels) * float(min(vol.spacing_mm))
+        _, principal, corner_axes = plan_batch(cameras, vol.ijk_from_world, h0, vol.shape)
+        axes = set(principal.tolist())
+        if physics.method == "joseph" and self.joseph_layouts:
+            axes |= corner_axes
+        with self._lock:
+            self._ensure_layouts(vol, axes)
+        return sorted(axes)
+
     def _ensure_layouts(self, vol: CudaVolume, axes: set[int]) -> None:
         missing = sorted(a for a in axes if a not in vol.layouts)
         if not missing:

@@ -322,9 +322,25 @@ def _image_array(images: np.ndarray):
     )
 
 
+_PYTHON_TYPES = {"i64": int, "i32": int, "f64": float, "str": str}
+
+
+def is_float_vector(value: Any, n: int) -> bool:
+    """True when ``value`` is already a list of ``n`` Python floats (a row vector as stored: nothing to convert)."""
+    return type(value) is list and len(value) == n and all(type(x) is float for x in value)
+
+
 def _column(name: str, kind: str, n: int, rows: Sequence[Mapping[str, Any]]):
     import pyarrow as pa
 
+    given = [r.get(name) for r in rows]
+    if kind == "vec":
+        ready = all(v is None or is_float_vector(v, n) for v in given)
+    else:
+        want = _PYTHON_TYPES[kind]
+        ready = all(v is None or type(v) is want for v in given)
+    if ready:  # the values as stored (the common case): pyarrow converts the list in one call
+        return pa.array(given, type=_arrow_type(kind, n))
     values: list[Any] = []
     for i, r in enumerate(rows):
         v = r.get(name)

@@ -167,7 +167,7 @@ class ShardSink:
         ``executor``: codes the images (PNGs, Parquet ``zstd-delta`` cells) in parallel -- numpy, zstd and
         zlib release the GIL; the bytes are the same."""
         from drrfarm import __version__
-        from drrfarm.sinks.parquet import VECTOR_LENGTHS, encode_parquet
+        from drrfarm.sinks.parquet import VECTOR_LENGTHS, encode_parquet, is_float_vector
         from drrfarm.sinks.png import encode_png16, png_keys, sidecar_json
 
         check_shard_id(shard_id)
@@ -215,7 +215,7 @@ class ShardSink:
             if row.get("sweep_id") is None and meta.get("sweep_id"):
                 row["sweep_id"] = meta["sweep_id"]
             for name, n in VECTOR_LENGTHS.items():  # matrices row-major, flat: same in Parquet and JSON
-                if row.get(name) is not None:
+                if row.get(name) is not None and not is_float_vector(row[name], n):
                     try:
                         a = np.asarray(row[name], dtype=np.float64).reshape(-1)
                     except (TypeError, ValueError) as exc:
