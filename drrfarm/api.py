@@ -162,8 +162,9 @@ class Renderer:
     (e.g. ``segment_by_labels(ct, label_map, table)``; the Volume is then kept for provenance only).
     ``backend``: ``"auto"`` (CUDA when pycuda sees a GPU, else CPU), ``"cpu"``, ``"cuda"``, or a backend
     object (:func:`drrfarm.render.get_backend`; share one between renderers to share its volume cache).
-    ``spectrum``: a preset (``"60KV_AL35"``, ``"90KV_AL40"``, ``"120KV_AL43"``), ``"mono:<keV>"``, a dict
-    (``{"kvp": 90, "al_mm": 4}``: kV and mm of Al/Cu filtration) or a :class:`~drrfarm.spectrum.Spectrum`.
+    ``spectrum``: a preset (``"60KV_AL35"``, ``"90KV_AL40"``, ``"120KV_AL43"``; ``"deepdrr:90KV_AL40"`` etc. for
+    DeepDRR 1.2.2's own tables), ``"mono:<keV>"``, a dict (``{"kvp": 90, "al_mm": 4}``: kV and mm of Al/Cu
+    filtration) or a :class:`~drrfarm.spectrum.Spectrum`.
     ``physics``: a :class:`~drrfarm.physics.Physics`, a dict of its options, or None (noiseless
     ``line_integral`` = log(I0/I), ideal energy-integrating detector).
     ``orientation``: the patient on the table, ``"HFS"``, ``"FFS"``, ``"HFP"`` or ``"FFP"``; the CT's centre

@@ -164,7 +164,9 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beta", type=float, default=0.0, help="angular (cranial/caudal) angle, degrees")
     p.add_argument("--gamma", type=float, default=0.0, help="roll about the principal ray, degrees")
     spec = p.add_mutually_exclusive_group()
-    spec.add_argument("--spectrum", default=None, help="preset: 60KV_AL35, 90KV_AL40 (default), 120KV_AL43")
+    spec.add_argument("--spectrum", default=None,
+                      help="preset: 60KV_AL35, 90KV_AL40 (default), 120KV_AL43 (SpekPy), or DeepDRR 1.2.2's "
+                           "tables deepdrr:60KV_AL35, deepdrr:90KV_AL40, deepdrr:120KV_AL43")
     spec.add_argument("--kvp", type=float, default=None, help="tube voltage for a SpekPy spectrum")
     spec.add_argument("--mono-kev", type=float, default=None, help="monoenergetic beam energy, keV")
     p.add_argument("--al-mm", type=float, default=2.5, help="aluminium filtration with --kvp (mm)")
@@ -229,7 +231,7 @@ def _add_spectrum(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("spectrum", help="print a tube spectrum's mean energy and first HVL")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--kvp", type=float, help="tube voltage (40-150 kV)")
-    group.add_argument("--preset", help="60KV_AL35, 90KV_AL40 or 120KV_AL43")
+    group.add_argument("--preset", help="60KV_AL35, 90KV_AL40 or 120KV_AL43 (SpekPy); deepdrr:<name> for DeepDRR's")
     p.add_argument("--al-mm", type=float, default=2.5)
     p.add_argument("--cu-mm", type=float, default=0.0)
     p.add_argument("--anode-angle", type=float, default=12.0, help="anode angle, degrees")

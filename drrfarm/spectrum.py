@@ -11,7 +11,8 @@ are bins carrying less than 1e-9 of the fluence.
 Presets ``60KV_AL35``, ``90KV_AL40`` and ``120KV_AL43`` carry DeepDRR's names (kVp and mm Al), but they
 are SpekPy re-computations (anode angle 12 deg, 1 keV bins), not DeepDRR's MC-GPU tables. Mean energies
 (DeepDRR's tables -> ours): 37.5 -> 37.46, 49.2 -> 48.74, 58.2 -> 57.51 keV; first HVLs (ours, air kerma)
-about 2.5, 4.0 and 5.5 mm Al.
+about 2.5, 4.0 and 5.5 mm Al. DeepDRR 1.2.2's own tables are the separate presets ``deepdrr:60KV_AL35``,
+``deepdrr:90KV_AL40`` and ``deepdrr:120KV_AL43`` (:mod:`drrfarm.deepdrr_compat`), for reproducing its datasets.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from drrfarm.errors import DrrfarmError, SpectrumError
 
 __all__ = [
     "DEEPDRR_MEAN_ENERGY_KEV",
+    "DEEPDRR_PRESETS",
     "KVP_RANGE",
     "PRESETS",
     "Spectrum",
@@ -52,6 +54,8 @@ PRESETS: dict[str, tuple[float, float]] = {
 }
 # Mean energies of DeepDRR's own (MC-GPU) tables, for comparison only.
 DEEPDRR_MEAN_ENERGY_KEV: dict[str, float] = {"60KV_AL35": 37.5, "90KV_AL40": 49.2, "120KV_AL43": 58.2}
+# DeepDRR 1.2.2's tabulated spectra themselves (drrfarm.deepdrr_compat), under their own prefix
+DEEPDRR_PRESETS: tuple[str, ...] = tuple(f"deepdrr:{name}" for name in PRESETS)
 
 
 def _check_number(value: Any, what: str, lo: float | None = None, hi: float | None = None,
@@ -338,10 +342,20 @@ def tube_spectrum(
 
 
 def preset(name: str) -> Spectrum:
-    """DeepDRR-named preset ("60KV_AL35", "90KV_AL40", "120KV_AL43"; case-insensitive), SpekPy-computed."""
+    """DeepDRR-named preset ("60KV_AL35", "90KV_AL40", "120KV_AL43"; case-insensitive), SpekPy-computed.
+
+    ``"deepdrr:<name>"`` ("deepdrr:90KV_AL40") gives DeepDRR 1.2.2's own tabulated spectrum instead
+    (:func:`drrfarm.deepdrr_compat.deepdrr_spectrum`).
+    """
+    if isinstance(name, str) and name.strip().lower().startswith("deepdrr:"):
+        from drrfarm.deepdrr_compat import deepdrr_spectrum
+
+        return deepdrr_spectrum(name)
     key = name.strip().upper() if isinstance(name, str) else None
     if key not in PRESETS:
-        raise SpectrumError(f"unknown spectrum preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise SpectrumError(
+            f"unknown spectrum preset {name!r}; presets: {', '.join(PRESETS)}, {', '.join(DEEPDRR_PRESETS)}"
+        )
     kvp, al = PRESETS[key]
     return tube_spectrum(kvp, al_mm=al, name=key)
 
@@ -354,6 +368,9 @@ def monoenergetic(energy_kev: float) -> Spectrum:
 
 def get_spectrum(spec: str | Mapping[str, Any] | Spectrum) -> Spectrum:
     """Spectrum from a preset name ("90KV_AL40"), "mono:<keV>" ("mono:60"), a Spectrum, or a dict.
+
+    Preset names: drrfarm's SpekPy spectra (:data:`PRESETS`) or DeepDRR 1.2.2's tabulated spectra
+    (:data:`DEEPDRR_PRESETS`, e.g. ``"deepdrr:90KV_AL40"``).
 
     Tube voltage ``kvp`` in kV (40-150), filtration ``al_mm`` / ``cu_mm`` in mm, ``anode_angle_deg`` in
     degrees, ``bin_kev`` and ``mono_kev`` in keV. The result's bins: (B,) energies in keV, (B,) weights.
@@ -372,11 +389,11 @@ def get_spectrum(spec: str | Mapping[str, Any] | Spectrum) -> Spectrum:
             except ValueError:
                 raise SpectrumError(f"spectrum {spec!r}: expected 'mono:<keV>', e.g. 'mono:60'") from None
             return monoenergetic(energy)
-        if text.upper() in PRESETS:
+        if text.upper() in PRESETS or text.lower().startswith("deepdrr:"):
             return preset(text)
         raise SpectrumError(
-            f"unknown spectrum {spec!r}; use a preset ({', '.join(PRESETS)}), 'mono:<keV>', "
-            "or a dict like {'kvp': 90, 'al_mm': 4}"
+            f"unknown spectrum {spec!r}; use a preset ({', '.join(PRESETS)}), a DeepDRR 1.2.2 table "
+            f"({', '.join(DEEPDRR_PRESETS)}), 'mono:<keV>', or a dict like {{'kvp': 90, 'al_mm': 4}}"
         )
     if isinstance(spec, Mapping):
         if "energies_kev" in spec or "weights" in spec:
