@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from drrfarm.errors import SpecError
-from drrfarm.farm.plan import image_seed, make_plan, shard_id
+from drrfarm.farm.plan import image_seed, image_seeds, make_plan, shard_id
 from drrfarm.farm.spec import parse_spec
 
 BASE: dict = {
@@ -144,3 +144,15 @@ def test_describe_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     p.write_text(yaml.safe_dump(d))
     assert main(["plan", str(p)]) == 2
     assert "volumes: must have at least 1 item" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**32 - 1, 2**32, 2**64 + 5, 123456789012345678901234567890])
+def test_image_seeds_together_equal_numpys_seed_sequence_one_by_one(seed: int) -> None:
+    """The planner's batched seeds are NumPy's SeedSequence(seed, spawn_key=(0, index)) of each image, also
+    for seeds and indices of several 32-bit words."""
+    rng = np.random.default_rng(seed % 1000)
+    idx = np.concatenate([np.arange(70), rng.integers(0, 2**31, 40), [2**32 - 1, 2**32, 2**33 + 7, 2**62]])
+    got = image_seeds(seed, idx)
+    assert got.dtype == np.int64 and np.all(got >= 0)
+    assert got.tolist() == [image_seed(seed, int(i)) for i in idx]
+    assert image_seeds(seed, []).size == 0

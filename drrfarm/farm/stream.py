@@ -122,7 +122,7 @@ def stream_metadata(spec: str | os.PathLike[str] | SweepSpec, *, volume_ids: Ite
     ``alpha_deg``, ``beta_deg``, ``gamma_deg``, ``sid_mm`` (float64, NaN for explicit poses), ``photons``
     (float64, NaN = noiseless), ``volume_id`` and ``shard_id`` (str objects) -- equal to what
     :func:`drrfarm.data.read_metadata` reads from the stored sweep."""
-    from drrfarm.farm.plan import image_seed
+    from drrfarm.farm.plan import image_seeds
 
     s = resolve_spec(spec)
     plan = make_plan(s)
@@ -136,7 +136,7 @@ def stream_metadata(spec: str | os.PathLike[str] | SweepSpec, *, volume_ids: Ite
         poses = np.arange(sh.pose_start, sh.pose_stop)
         photons = s.detector.photons[sh.photons_index]
         parts["image_index"].append(np.asarray(sh.image_indices, np.int64))
-        parts["seed"].append(np.array([image_seed(s.seed, j) for j in sh.image_indices], np.int64))
+        parts["seed"].append(image_seeds(s.seed, np.asarray(sh.image_indices)))
         parts["pose_index"].append(poses.astype(np.int64))
         for name in ("alpha_deg", "beta_deg", "gamma_deg", "sid_mm"):
             parts[name].append(np.asarray(arrays[name][poses], np.float64) if carm else np.full(n, np.nan))
