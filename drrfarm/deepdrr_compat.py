@@ -3,7 +3,7 @@
 For reproducing datasets made with DeepDRR 1.2.2. drrfarm's defaults stay physics-first (SpekPy
 spectra, xraydb μ/ρ); this module holds DeepDRR's numbers under a separate name, ``deepdrr:<preset>``:
 
-* :func:`deepdrr_spectrum` — the spectra ``deepdrr:60KV_AL35``, ``deepdrr:90KV_AL40`` and
+* :func:`spectrum_bins` — the spectra ``deepdrr:60KV_AL35``, ``deepdrr:90KV_AL40`` and
   ``deepdrr:120KV_AL43`` (0.5 keV bins from 15 keV, from MC-GPU's spectrum files), accepted wherever a
   spectrum preset is (:func:`drrfarm.spectrum.get_spectrum`, sweep specs, ``drrfarm render --spectrum``);
 * :func:`mass_attenuation_cm2_g` — DeepDRR's μ/ρ for its three threshold materials (NIST tables,
@@ -26,14 +26,13 @@ from typing import Any
 import numpy as np
 
 from drrfarm.errors import MaterialError, SpectrumError
-from drrfarm.spectrum import Spectrum
 
 __all__ = [
     "PREFIX",
     "SPECTRUM_NAMES",
-    "deepdrr_spectrum",
     "is_deepdrr_name",
     "mass_attenuation_cm2_g",
+    "spectrum_bins",
     "spectrum_table",
 ]
 
@@ -79,8 +78,9 @@ def spectrum_table(name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(entry["energy_ev"], dtype=np.float64) / 1e3, np.asarray(entry["photons"], dtype=np.float64)
 
 
-def deepdrr_spectrum(name: str) -> Spectrum:
-    """DeepDRR 1.2.2's tabulated spectrum as a :class:`~drrfarm.spectrum.Spectrum` named ``deepdrr:<NAME>``.
+def spectrum_bins(name: str) -> dict[str, Any]:
+    """DeepDRR 1.2.2's spectrum as the bins of a drrfarm spectrum (what ``drrfarm.spectrum.preset`` builds for
+    ``deepdrr:<NAME>``): ``energies_kev``, ``weights``, ``kvp``, ``al_mm`` and ``name``.
 
     The bins are DeepDRR's (0.5 keV from 15 keV to the kVp). The kVp bin carries a small negative count in
     DeepDRR's tables (about 1e-5 of the photons); it is dropped, which moves the mean energy by < 0.001 keV.
@@ -89,8 +89,8 @@ def deepdrr_spectrum(name: str) -> Spectrum:
     energies, counts = spectrum_table(key)
     keep = counts > 0
     entry = _tables()["spectra"][key]
-    return Spectrum(energies[keep], counts[keep], kvp=float(entry["kvp"]), al_mm=float(entry["al_mm"]),
-                    name=PREFIX + key)
+    return {"energies_kev": energies[keep], "weights": counts[keep], "kvp": float(entry["kvp"]),
+            "al_mm": float(entry["al_mm"]), "name": PREFIX + key}
 
 
 def mass_attenuation_cm2_g(material: str, energies_kev: np.ndarray | Iterable[float] | float) -> np.ndarray:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from drrfarm.deepdrr_compat import is_deepdrr_name, spectrum_bins
 from drrfarm.errors import DrrfarmError, SpectrumError
 
 __all__ = [
@@ -345,12 +346,11 @@ def preset(name: str) -> Spectrum:
     """DeepDRR-named preset ("60KV_AL35", "90KV_AL40", "120KV_AL43"; case-insensitive), SpekPy-computed.
 
     ``"deepdrr:<name>"`` ("deepdrr:90KV_AL40") gives DeepDRR 1.2.2's own tabulated spectrum instead
-    (:func:`drrfarm.deepdrr_compat.deepdrr_spectrum`).
+    (:func:`drrfarm.deepdrr_compat.spectrum_bins`).
     """
-    if isinstance(name, str) and name.strip().lower().startswith("deepdrr:"):
-        from drrfarm.deepdrr_compat import deepdrr_spectrum
-
-        return deepdrr_spectrum(name)
+    if is_deepdrr_name(name):
+        b = spectrum_bins(name)
+        return Spectrum(b["energies_kev"], b["weights"], kvp=b["kvp"], al_mm=b["al_mm"], name=b["name"])
     key = name.strip().upper() if isinstance(name, str) else None
     if key not in PRESETS:
         raise SpectrumError(
