@@ -43,6 +43,13 @@ def write_phantom(path: Path, n: int = 32, spacing_mm: float = 4.0, bone_shift: 
     return path
 
 
+def write_two_phantoms(d: Path) -> Path:
+    """``a.nii.gz`` and ``b.nii.gz`` (its bone shifted) in ``d``: the two volumes of :func:`base_spec`."""
+    write_phantom(d / "a.nii.gz")
+    write_phantom(d / "b.nii.gz", bone_shift=3)
+    return d
+
+
 def base_spec(tmp: Path, out: Path, **changes: Any) -> dict[str, Any]:
     d: dict[str, Any] = {
         "seed": 5,
@@ -106,9 +113,7 @@ def assert_exactly_once(spec_path: Path | str, url: str) -> None:
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("phantoms")
-    write_phantom(d / "a.nii.gz")
-    write_phantom(d / "b.nii.gz", bone_shift=3)
+    d = write_two_phantoms(tmp_path_factory.mktemp("phantoms"))
     (d / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
     return d
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_farm import base_spec, write_phantom, write_spec
+from test_farm import base_spec, write_phantom, write_spec, write_two_phantoms
 
 from drrfarm.errors import SpecError
 from drrfarm.farm.plan import make_plan
@@ -16,10 +16,7 @@ from drrfarm.farm.spec import load_spec
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("scatter_phantoms")
-    write_phantom(d / "a.nii.gz")
-    write_phantom(d / "b.nii.gz", bone_shift=3)
-    return d
+    return write_two_phantoms(tmp_path_factory.mktemp("scatter_phantoms"))
 
 
 def test_scatter_section_is_validated_and_hashed(phantoms: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_farm import base_spec, write_phantom, write_spec
+from test_farm import base_spec, write_spec, write_two_phantoms
 
 from drrfarm.errors import SpecError, StorageError
 
@@ -28,10 +28,7 @@ def spec_dict(tmp: Path, out: Path, **changes: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("phantoms")
-    write_phantom(d / "a.nii.gz")
-    write_phantom(d / "b.nii.gz", bone_shift=3)
-    return d
+    return write_two_phantoms(tmp_path_factory.mktemp("phantoms"))
 
 
 @pytest.fixture(scope="module")

@@ -205,10 +205,6 @@ class CameraCache:
         self._entries: dict[int, tuple[Any, dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def get(self, pose: Pose) -> tuple[Any, dict[str, Any]]:
-        """``(Camera, camera_columns)`` of ``pose``."""
-        return self.get_many([pose])[0]
-
     def get_many(self, poses: list[Pose] | tuple[Pose, ...]) -> list[tuple[Any, dict[str, Any]]]:
         """``(Camera, camera_columns)`` of each pose; the missing ones built together."""
         entries = self._entries
@@ -367,6 +363,7 @@ class RenderWorker:
         if self._ring is not None:
             img = self.spec.image
             self._ring.reserve((self.spec.output.shard_size, img.height, img.width), self._device_dtype())
+        cameras: list[Any] | None = None  # of ``poses``, built once for every volume
         for v in volume_indices:
             try:
                 res, _ = self._resident(int(v))
@@ -376,8 +373,8 @@ class RenderWorker:
             warm = getattr(self.backend(), "warm_layouts", None)
             if poses and warm is not None:
                 with contextlib.suppress(DrrfarmError):  # a pose that cannot render fails its own shard
-                    photons = self.spec.detector.photons[0]
-                    warm(res.handle, cameras_for(self.spec, poses), physics_for(self.spec, photons))
+                    cameras = cameras if cameras is not None else cameras_for(self.spec, poses)
+                    warm(res.handle, cameras, self.physics(0))
         info = self.info()
         if errors:
             info["preload_errors"] = errors
@@ -492,6 +489,13 @@ class RenderWorker:
             self._spectra[index] = s
         return s
 
+    def physics(self, index: int) -> Any:
+        """The :class:`~drrfarm.physics.Physics` of photon setting ``index`` of the spec (built once)."""
+        p = self._physics.get(index)
+        if p is None:
+            p = self._physics.setdefault(index, physics_for(self.spec, self.spec.detector.photons[index]))
+        return p
+
     def _device_dtype(self) -> str:
         """The dtype the GPU writes: the stored one, except float32 where PNGs are quantised from it."""
         stored = self.spec.output.image_dtype
@@ -515,9 +519,7 @@ class RenderWorker:
         handle, vinfo, loaded = self.volume(task.volume_index)
         spectrum = self.spectrum(task.spectrum_index)
         photons = self.spec.detector.photons[task.photons_index]
-        physics = self._physics.get(task.photons_index)
-        if physics is None:
-            physics = self._physics.setdefault(task.photons_index, physics_for(self.spec, photons))
+        physics = self.physics(task.photons_index)
         cameras, columns = zip(*self._cameras.get_many(task.poses), strict=True)
         cameras = list(cameras)
         scene = self.scene(task.volume_index)
