@@ -421,7 +421,7 @@ def markdown_slab(s: dict[str, Any]) -> list[str]:
                  f"{_f(100 * nm['spr'] if nm else None, '.2f', ' %')} | "
                  f"{_f(100 * c['spr_ratio_noise'] if c.get('spr_ratio_noise') else None, '.2f', ' %')} |")
     lines += ["", f"Analytic primary on the central ray {s['analytic_primary_centre_ray']:.5g}. drrfarm's SPR with a "
-              f"flat source (`solid_angle=False`, as the test): {s['drrfarm_flat_source']['spr']['centre_6cm']:.4g}; "
+              f"flat source (`solid_angle=False`): {s['drrfarm_flat_source']['spr']['centre_6cm']:.4g}; "
               f"with the 0.6 mm CsI detector: {s['drrfarm_csi']['spr']['centre_6cm']:.4g} (MC-GPU v1.3 has no detector "
               f"model). Histories: drrfarm {dd['photons']:.3g}, MC-GPU {_f(m.get('histories'), '.3g')}."]
     if c:
