@@ -125,26 +125,42 @@ def subset(desc: dict[str, Any], images: int | None) -> tuple[dict[str, Any] | N
     return {"shard_id": ids}, total
 
 
+def mid_epoch_rate(marks: list[tuple[float, int]], lo: float = 0.1, hi: float = 0.9) -> float:
+    """Images/s between the batches that complete ``lo`` and ``hi`` of an epoch's images (the steady state inside
+    an epoch, without the read's start-up and the pipeline's drain); ``marks``: (seconds, images so far)."""
+    if len(marks) < 3:
+        return float("nan")
+    total = marks[-1][1]
+    a = next(m for m in marks if m[1] >= lo * total)
+    b = next(m for m in marks if m[1] >= hi * total)
+    return (b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else float("nan")
+
+
 def timed_epochs(make_iter: Any, epochs: int, pixel_bytes: int, sync: Any = None) -> dict[str, Any]:
-    """Runs ``epochs`` passes (``make_iter()`` is timed too: the read call); first batch, first epoch, best later."""
-    times, firsts, after, images = [], [], [], 0
+    """Runs ``epochs`` passes (``make_iter()`` is timed too: the read call); first batch, first epoch, best later,
+    and the best 10-90 % rate inside an epoch."""
+    times, firsts, after, mids, images = [], [], [], [], 0
     for _ in range(epochs):
         t0 = time.perf_counter()
         images, first, first_n = 0, None, 0
+        marks: list[tuple[float, int]] = []
         for batch in make_iter():
             if first is None:
                 first, first_n = time.perf_counter() - t0, len(batch)
             images += len(batch)
+            marks.append((time.perf_counter() - t0, images))
         if sync is not None:
             sync()
         times.append(time.perf_counter() - t0)
         firsts.append(first if first is not None else float("nan"))
         rest = times[-1] - (first or 0.0)
         after.append((images - first_n) / rest if rest > 0 else float("nan"))
+        mids.append(mid_epoch_rate(marks))
     steady = min(times[1:]) if len(times) > 1 else times[0]
     return {"images": images, "first_batch_s": firsts[0], "first_batch_later_s": min(firsts[1:] or firsts),
             "epoch1_s": times[0], "steady_s": steady, "epoch1_images_per_s": images / times[0],
             "images_per_s": images / steady, "after_first_images_per_s": max(after[1:] or after),
+            "mid_epoch_images_per_s": float(np.nanmax(mids)) if np.isfinite(mids).any() else float("nan"),
             "mb_per_s": images * pixel_bytes / steady / 1e6}
 
 
@@ -267,17 +283,19 @@ def tables(results: list[dict[str, Any]], datasets: list[dict[str, Any]], env: s
     out += ["", f"Batch {args.batch}, prefetch_batches {args.prefetch}; first batch: seconds from the read call in the "
             "first epoch (for the first Ray reader of each --cpus value, on a freshly started Ray: cold workers); "
             "steady: the best epoch after the first, read call included; after 1st batch: that epoch from its first "
-            "batch on.", "",
+            "batch on; 10-90 %: the best epoch between the batches that complete 10 % and 90 % of its images (the "
+            "steady state inside an epoch).", "",
             "| size | reader | cpus | images | first batch s | first epoch img/s | steady img/s | after 1st batch "
-            "img/s | MB/s |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "img/s | 10-90 % img/s | MB/s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     top = max(args.cpus)
     for r in results:
         if r["cpus"] != top:
             continue
         out.append(f"| {r['size']}² | {r['mode']} | {r['cpus']} | {r['images']:,} | {fmt(r['first_batch_s'], 2)} | "
                    f"{fmt(r['epoch1_images_per_s'])} | **{fmt(r['images_per_s'])}** | "
-                   f"{fmt(r['after_first_images_per_s'])} | {fmt(r['mb_per_s'])} |")
+                   f"{fmt(r['after_first_images_per_s'])} | {fmt(r['mid_epoch_images_per_s'])} | "
+                   f"{fmt(r['mb_per_s'])} |")
     if len(args.cpus) > 1:
         cp = sorted(set(args.cpus))
         out += ["", f"Scaling (steady images/s; at most {args.scale_images} images per run):", "",
@@ -291,6 +309,23 @@ def tables(results: list[dict[str, Any]], datasets: list[dict[str, Any]], env: s
                 rs = rs or [r for r in results if r["size"] == size and r["mode"] == mode and r["cpus"] == c]
                 cells.append(fmt(rs[0]["images_per_s"]) if rs else "-")
             out.append(f"| {size}² | {mode} | " + " | ".join(cells) + " |")
+    def local_twin(r: dict[str, Any]) -> list[dict[str, Any]]:
+        return [q for q in results if q["mode"] == r["mode"].removesuffix("-s3") and q["size"] == r["size"]
+                and q["cpus"] == r["cpus"] and q["dataset"] == r["dataset"]]
+
+    s3 = [(r, local_twin(r)) for r in results if r["mode"].endswith("-s3")]
+    if s3:
+        out += ["", "S3 (a moto server on 127.0.0.1) against the local disk, same dataset and readers:", "",
+                "| size | reader | cpus | S3 steady img/s | local steady img/s | S3 / local | S3 10-90 % "
+                "| local 10-90 % |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r, local in s3:
+            if local:
+                q = local[0]
+                out.append(f"| {r['size']}² | {r['mode'].removesuffix('-s3')} | {r['cpus']} | "
+                           f"{fmt(r['images_per_s'])} | {fmt(q['images_per_s'])} | "
+                           f"{r['images_per_s'] / q['images_per_s']:.2f} | "
+                           f"{fmt(r['mid_epoch_images_per_s'])} | {fmt(q['mid_epoch_images_per_s'])} |")
     return "\n".join(out)
 
 
@@ -380,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                              dataset=d["label"])
                     results.append(r)
                     print(f"{d['height']:>5} {mode:<16} cpus {cpus:>2}: {r['images_per_s']:8.0f} img/s steady, "
+                          f"{r['mid_epoch_images_per_s']:8.0f} 10-90 %, "
                           f"{r['epoch1_images_per_s']:8.0f} first epoch, first batch {r['first_batch_s']:.2f} s "
                           f"({r['images']} images, {r['mb_per_s']:.0f} MB/s)", flush=True)
             if ray_started:

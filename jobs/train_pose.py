@@ -31,7 +31,11 @@ that spec, nothing written; every epoch renders again)::
 
 Throughput: every epoch reports ``train_images_per_s`` and, on a GPU, ``gpu_util_pct`` (mean of the GPU's
 utilisation sampled by ``nvidia-smi`` every 0.2 s while the epoch trains) and ``gpu_busy_frac`` (share of
-those samples at >= 50 %). The loss is summed on the device, so the loop never waits for the GPU.
+those samples at >= 50 %); the ``steady_`` twins of all three count only the middle of the epoch, from the batch
+that completes 10 % of its images to the one that completes 90 % (without the read's start-up and the pipeline's
+drain, which a short epoch magnifies). The loss is summed on the device, so the loop never waits for the GPU;
+batches arrive in pinned host memory (``--no-pin-memory`` turns it off), so their copy to the GPU is a DMA that
+does not hold the host thread.
 
 Provenance: an MLflow run in the *dataset's* experiment (found from the dataset's provenance run,
 whose id is in the Parquet file metadata / manifest; ``--experiment`` overrides), with the arguments,
@@ -56,6 +60,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger("drrfarm.train_pose")
@@ -103,15 +108,36 @@ def targets(batch: dict[str, Any], norm: dict[str, list[float]]) -> Any:
     return torch.stack(cols, dim=1)
 
 
+def utilisation_summary(samples: Sequence[tuple[float, float]], start: float = -math.inf, end: float = math.inf
+                        ) -> tuple[float, float]:
+    """(mean %, share of samples >= 50 %) of the (time, utilisation %) samples taken in [start, end]; NaN if none."""
+    got = [v for t, v in samples if start <= t <= end]
+    if not got:
+        return float("nan"), float("nan")
+    return sum(got) / len(got), sum(v >= 50 for v in got) / len(got)
+
+
+def steady_window(marks: Sequence[tuple[float, int]], lo: float = 0.1, hi: float = 0.9
+                  ) -> tuple[float, float, int] | None:
+    """(start, end, images) between the batches that complete ``lo`` and ``hi`` of an epoch's images;
+    ``marks``: (time, images so far) per batch. None for an epoch of fewer than three batches."""
+    if len(marks) < 3:
+        return None
+    total = marks[-1][1]
+    a = next(m for m in marks if m[1] >= lo * total)
+    b = next(m for m in marks if m[1] >= hi * total)
+    return (a[0], b[0], b[1] - a[1]) if b[0] > a[0] else None
+
+
 class GpuUtilisation:
     """Samples one GPU's utilisation (``nvidia-smi -lms``, else ``torch.cuda.utilization``) in the background;
-    :meth:`take` returns (mean %, share of samples >= 50 %) since the previous call (NaN without samples)."""
+    :meth:`take` returns the (time.perf_counter(), utilisation %) samples since the previous call."""
 
     def __init__(self, device: Any) -> None:
         import subprocess
         import threading
 
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []
         self.lock = threading.Lock()
         self.proc = None
         self.device = device
@@ -137,7 +163,7 @@ class GpuUtilisation:
                 except ValueError:
                     continue
                 with self.lock:
-                    self.samples.append(v)
+                    self.samples.append((time.perf_counter(), v))
             return
         import torch
 
@@ -147,14 +173,12 @@ class GpuUtilisation:
             except Exception:  # noqa: BLE001 - no NVML: no samples
                 return
             with self.lock:
-                self.samples.append(v)
+                self.samples.append((time.perf_counter(), v))
 
-    def take(self) -> tuple[float, float]:
+    def take(self) -> list[tuple[float, float]]:
         with self.lock:
             got, self.samples = self.samples, []
-        if not got:
-            return float("nan"), float("nan")
-        return sum(got) / len(got), sum(v >= 50 for v in got) / len(got)
+        return got
 
     def close(self) -> None:
         self.stop.set()
@@ -202,6 +226,7 @@ def fit(config: dict[str, Any], train_data: Any, val_data: Any, device: Any, *, 
         return t.tolist()
 
     prefetch = int(config.get("prefetch_batches") or 4)
+    pin = device.type == "cuda" and bool(config.get("pin_memory", True))
     monitor = GpuUtilisation(device) if device.type == "cuda" and rank == 0 else None
     history: list[dict[str, float]] = []
     try:
@@ -210,10 +235,11 @@ def fit(config: dict[str, Any], train_data: Any, val_data: Any, device: Any, *, 
             model.train()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
             n = 0
+            marks: list[tuple[float, int]] = []  # (time, images so far) after each step is queued
             if monitor is not None:
                 monitor.take()
             for batch in train_data.iter_torch_batches(
-                batch_size=bs, device=device, prefetch_batches=prefetch,
+                batch_size=bs, device=device, prefetch_batches=prefetch, pin_memory=pin,
                 local_shuffle_buffer_size=int(config["shuffle_buffer"]) or None,
                 local_shuffle_seed=int(config["seed"]) + epoch if config["shuffle_buffer"] else None,
             ):
@@ -228,14 +254,22 @@ def fit(config: dict[str, Any], train_data: Any, val_data: Any, device: Any, *, 
                 opt.step()
                 loss_sum += loss.detach() * len(y)
                 n += len(y)
+                marks.append((time.perf_counter(), n))
             train_s = time.perf_counter() - t0
-            util, busy = monitor.take() if monitor is not None else (float("nan"), float("nan"))
             tot_loss, tot_n = reduce([float(loss_sum), float(n)])
             metrics: dict[str, float] = {"epoch": float(epoch), "train_loss": tot_loss / max(tot_n, 1.0),
                                          "train_images": tot_n, "train_s": train_s,
                                          "train_images_per_s": tot_n / max(train_s, 1e-9)}
+            window = steady_window(marks)
+            if window is not None:
+                metrics["steady_images_per_s"] = window[2] / (window[1] - window[0])
             if monitor is not None:
+                samples = monitor.take()
+                util, busy = utilisation_summary(samples)
                 metrics.update(gpu_util_pct=util, gpu_busy_frac=busy)
+                if window is not None:
+                    util, busy = utilisation_summary(samples, window[0], window[1])
+                    metrics.update(steady_gpu_util_pct=util, steady_gpu_busy_frac=busy)
             if val_data is not None:
                 model.eval()
                 sums = [0.0, 0.0, 0.0, 0.0]  # loss*n, n, |d alpha| deg, |d beta| deg
@@ -332,6 +366,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shuffle-buffer", type=int, default=256, help="rows in Ray Data's local shuffle buffer (0: off)")
     p.add_argument("--prefetch-batches", type=int, default=4, help="batches iter_torch_batches prepares ahead")
+    p.add_argument("--no-pin-memory", dest="pin_memory", action="store_false",
+                   help="on a GPU: do not pin the batches' host memory before their copy to the device")
     p.add_argument("--augment", action="store_true", help="detector blur + Poisson re-noising on the fly")
     p.add_argument("--materialize", choices=("auto", "yes", "no"), default="auto",
                    help="keep the decoded dataset in the Ray object store after the first read "
@@ -536,7 +572,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         run_name = args.run_name or f"train_pose-{time.strftime('%Y%m%d-%H%M%S')}"
         config = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "width": args.width,
                   "image_size": args.image_size, "seed": args.seed, "shuffle_buffer": args.shuffle_buffer,
-                  "prefetch_batches": args.prefetch_batches,
+                  "prefetch_batches": args.prefetch_batches, "pin_memory": args.pin_memory,
                   "augment": args.augment, "norm": norm, "has_val": bool(val_ids),
                   "torch_threads": None if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)}
         params = {"dataset": url, "stream": bool(args.stream), "epochs": args.epochs, "batch_size": args.batch_size,

@@ -116,3 +116,18 @@ def test_train_pose_local_trainer_reports_throughput(ray_local, tmp_path):
     assert hist[0]["train_images"] == 12 and "val_loss" in hist[1]  # one volume each side
     assert hist[1]["train_images_per_s"] > 0 and "gpu_util_pct" not in hist[1]  # on CPU: no GPU sampling
     assert (Path(summary["checkpoint"]) / "model.pt").exists()
+
+
+def test_steady_window_and_gpu_samples_count_only_the_middle_of_an_epoch() -> None:
+    job = load_job()
+    # 10 batches of 64 images; a slow start (the read's start-up) and a slow last batch (the drain)
+    marks = [(2.0, 64)] + [(2.0 + 0.1 * i, 64 * (i + 1)) for i in range(1, 9)] + [(5.0, 640)]
+    start, end, images = job.steady_window(marks)
+    assert (start, images) == (2.0, 64 * 8) and end == pytest.approx(2.8)  # batches 1 (10 %) to 9 (90 %)
+    assert images / (end - start) == pytest.approx(640.0)
+    assert job.steady_window(marks[:2]) is None
+    samples = [(1.0, 0.0), (2.1, 90.0), (2.5, 40.0), (2.7, 100.0), (4.0, 0.0)]
+    assert job.utilisation_summary(samples, start, end) == (pytest.approx(230 / 3), pytest.approx(2 / 3))
+    assert job.utilisation_summary(samples) == (pytest.approx(46.0), pytest.approx(0.4))
+    nan = job.utilisation_summary([], start, end)
+    assert all(v != v for v in nan)
