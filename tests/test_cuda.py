@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from drrfarm.geometry import CArm, world_from_patient_default
+from drrfarm.gpu.resident_cache import ResidentCache
 from drrfarm.physics import Physics, finish_image, quantize_uint16
 from drrfarm.render import cuda_available, reference
 from drrfarm.render.cuda_plan import (
@@ -29,7 +30,6 @@ from drrfarm.render.cuda_plan import (
     rays_from_block,
     tables_block,
 )
-from drrfarm.render.gpu_cache import ResidentCache
 from drrfarm.samples import Box, Cylinder, Phantom, Sphere, inserts_phantom, sphere_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -566,7 +566,7 @@ def test_torch_interop_in_either_import_order(order: str) -> None:
 def test_nvrtc_builds_a_loadable_module(backend) -> None:
     import pycuda.driver as drv
 
-    from drrfarm.render.cuda_build import find_nvrtc, kernel_source, nvrtc_compile
+    from drrfarm.gpu.build import find_nvrtc, kernel_source, nvrtc_compile
 
     lib = find_nvrtc()
     if lib is None:

@@ -724,7 +724,7 @@ def test_gpu_dockerfile_builds_pycuda_and_the_kernels() -> None:
     assert len(cuda) == 1, f"build and runtime stages use different CUDA versions: {cuda}"
     runs = " ".join(df.of("RUN"))
     assert "[cuda]" in runs, "install drrfarm with the cuda extra (pycuda)"
-    assert "drrfarm.render.cuda_build --fatbin" in runs, "compile the kernels into the image"
+    assert "drrfarm.gpu.build --fatbin" in runs, "compile the kernels into the image"
     cpu = Dockerfile(DOCKER_DIR / "Dockerfile.cpu")
     assert "whl/cpu" in cpu.arg_defaults.get("TORCH_INDEX_URL", ""), "the CPU image must use the CPU torch build"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from drrfarm.render import cuda_driver
-from drrfarm.render.cuda_build import KERNEL_DIR, find_nvcc, nvcc_compile
+from drrfarm.gpu import textures
+from drrfarm.gpu.build import KERNELS, find_nvcc, include_dirs, nvcc_compile
 
-SOURCES = sorted(KERNEL_DIR.glob("*.cu"))
+SOURCES = sorted(KERNELS.values())
 NVCC = find_nvcc()
 
 EXPECTED_KERNELS = [
@@ -45,7 +45,8 @@ def test_no_local_memory_in_the_hot_kernels() -> None:
     """These kernels keep their state in registers (no stack frame). The march kernels are capped at
     32 registers on purpose (occupancy beats a few spilled words outside the sample loop)."""
     proc = subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-Xptxas", "-v", "-o", "/dev/null",
-                           str(KERNEL_DIR / "drr.cu")], capture_output=True, text=True)
+                           *(f"-I{d}" for d in include_dirs("drr.cu")), str(KERNELS["drr.cu"])],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     for i, line in enumerate(lines):
@@ -66,7 +67,7 @@ def _cuda_include() -> Path | None:
 
 @pytest.mark.skipif(_cuda_include() is None or shutil.which("cc") is None, reason="cuda.h or a C compiler missing")
 def test_ctypes_structs_match_cuda_h(tmp_path: Path) -> None:
-    checks = {**cuda_driver.struct_sizes(), **cuda_driver.struct_offsets()}
+    checks = {**textures.struct_sizes(), **textures.struct_offsets()}
     lines = []
     for key in checks:
         if "." in key:
@@ -85,12 +86,12 @@ def test_ctypes_structs_match_cuda_h(tmp_path: Path) -> None:
 
 
 def test_prebuilt_fat_binary_is_current() -> None:
-    """A shipped fat binary must match the kernel source (else: python -m drrfarm.render.cuda_build --fatbin)."""
-    from drrfarm.render.cuda_build import PREBUILT_DIR, kernel_source, prebuilt_path
+    """A shipped fat binary must match the kernel source (else: python -m drrfarm.gpu.build --fatbin)."""
+    from drrfarm.gpu.build import PREBUILT_DIR, prebuilt_path
 
     shipped = sorted(PREBUILT_DIR.glob("drr-*.fatbin")) if PREBUILT_DIR.is_dir() else []
     if not shipped:
         pytest.skip("no prebuilt fat binary in the package")
-    assert shipped == [prebuilt_path("drr.cu", kernel_source())], (
-        "stale prebuilt kernels: run `python -m drrfarm.render.cuda_build --fatbin`"
+    assert shipped == [prebuilt_path("drr.cu")], (
+        "stale prebuilt kernels: run `python -m drrfarm.gpu.build --fatbin`"
     )

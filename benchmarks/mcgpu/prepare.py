@@ -147,7 +147,7 @@ def precompile_scatter_kernel(cache: Path, arch: str = "sm_90") -> None:
     import os
 
     from drrfarm.errors import BackendError
-    from drrfarm.render import cuda_build
+    from drrfarm.gpu import build as cuda_build
 
     old = os.environ.get("DRRFARM_CACHE")
     os.environ["DRRFARM_CACHE"] = str(cache)

@@ -15,11 +15,22 @@ materials, followed by the mesh materials the CT lacks (zero in images without t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from drrfarm.errors import BackendError
+from drrfarm.render.cpu import CpuBackend
+from drrfarm.render.mesh_reference import meshes_per_image, output_material_names
+
+if TYPE_CHECKING:
+    from drrfarm.geometry import Camera
+    from drrfarm.meshes import Mesh
+    from drrfarm.physics import Physics
+    from drrfarm.spectrum import Spectrum
+    from drrfarm.volume import MaterialVolume
+
+__all__ = ["Backend", "cuda_available", "get_backend", "meshes_per_image", "output_material_names"]
 
 
 class Backend(Protocol):
@@ -27,42 +38,19 @@ class Backend(Protocol):
 
     name: str
 
-    def prepare(self, material_volume: Any, world_from_patient: np.ndarray) -> Any:
+    def prepare(self, material_volume: MaterialVolume, world_from_patient: np.ndarray) -> Any:
         """Make ``material_volume`` resident (cached by content) and return a handle."""
 
-    def line_integrals(self, handle: Any, cameras: list[Any], physics: Any, meshes: Any = None) -> np.ndarray:
+    def line_integrals(self, handle: Any, cameras: Sequence[Camera], physics: Physics,
+                       meshes: Sequence[Mesh] | Sequence[Sequence[Mesh]] | None = None) -> np.ndarray:
         """Per-material line integrals: (B, M, H, W) float32 g/cm² (M: :func:`output_material_names`)."""
 
-    def render(self, handle: Any, cameras: list[Any], spectrum: Any, physics: Any, seeds: list[int],
-               meshes: Any = None) -> np.ndarray:
+    def render(self, handle: Any, cameras: Sequence[Camera], spectrum: Spectrum, physics: Physics,
+               seeds: Sequence[int], meshes: Sequence[Mesh] | Sequence[Sequence[Mesh]] | None = None) -> np.ndarray:
         """Output images: (B, H, W) float32."""
 
     def cache_stats(self) -> dict[str, int]:
         """Volume cache statistics: hits, misses, volumes, bytes_resident."""
-
-
-def meshes_per_image(meshes: Any, n_images: int) -> list[list[Any]] | None:
-    """``meshes`` as one list per image, or None when no image has a mesh.
-
-    ``meshes``: None, a list of meshes (every image), or a list of ``n_images`` lists.
-    """
-    if not meshes:
-        return None
-    items = list(meshes)
-    if isinstance(items[0], (list, tuple)):
-        if len(items) != n_images:
-            raise BackendError(f"meshes: need one list per camera ({n_images}), got {len(items)}")
-        per = [list(m) for m in items]
-    else:
-        per = [items] * n_images
-    return per if any(per) else None
-
-
-def output_material_names(material_names: Sequence[str], meshes: Sequence[Any]) -> list[str]:
-    """Line-integral channels with ``meshes``: the CT's materials, then mesh materials it lacks."""
-    from drrfarm.render.mesh_reference import mesh_material_channels
-
-    return mesh_material_channels(meshes, material_names)[0]
 
 
 def cuda_available() -> bool:
@@ -81,11 +69,9 @@ def get_backend(name: str = "auto", **options: Any) -> Backend:
     if name == "auto":
         name = "cuda" if cuda_available() else "cpu"
     if name == "cpu":
-        from drrfarm.render.cpu import CpuBackend
-
         return CpuBackend(**options)
     if name == "cuda":
-        try:
+        try:  # imports pycuda
             from drrfarm.render.cuda import CudaBackend
         except ImportError as exc:
             raise BackendError(

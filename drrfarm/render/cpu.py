@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from drrfarm import physics as phys
-from drrfarm.render import mesh_reference, meshes_per_image, reference
+from drrfarm.render import mesh_reference, reference
+from drrfarm.render.mesh_reference import meshes_per_image
+from drrfarm.scatter import ScatterEstimator, ScatterImage, ScatterVolume
+
+if TYPE_CHECKING:
+    from drrfarm.geometry import Camera
+    from drrfarm.meshes import Mesh
+    from drrfarm.spectrum import Spectrum
+    from drrfarm.volume import MaterialVolume
 
 
 @dataclass
@@ -28,7 +37,7 @@ class CpuVolume:
         return self.densities.nbytes
 
 
-def volume_key(material_volume: Any, world_from_patient: np.ndarray) -> str:
+def volume_key(material_volume: MaterialVolume, world_from_patient: np.ndarray) -> str:
     """Content key of a prepared volume: voxels' hash, materials and placement."""
     h = hashlib.sha256()
     h.update(str(material_volume.volume_sha256).encode())
@@ -59,9 +68,9 @@ class CpuBackend:
         self._cache: OrderedDict[str, CpuVolume] = OrderedDict()
         self._hits = 0
         self._misses = 0
-        self._scatter: Any = None  # drrfarm.scatter.ScatterEstimator, made on first use
+        self._scatter: ScatterEstimator | None = None  # made on first use
 
-    def prepare(self, material_volume: Any, world_from_patient: np.ndarray | None = None) -> CpuVolume:
+    def prepare(self, material_volume: MaterialVolume, world_from_patient: np.ndarray | None = None) -> CpuVolume:
         world_from_patient = np.eye(4) if world_from_patient is None else np.asarray(world_from_patient, float)
         key = volume_key(material_volume, world_from_patient)
         if key in self._cache:
@@ -78,8 +87,8 @@ class CpuBackend:
             self._cache.popitem(last=False)
         return handle
 
-    def line_integrals(self, handle: CpuVolume, cameras: list[Any], physics: phys.Physics,
-                       meshes: Any = None) -> np.ndarray:
+    def line_integrals(self, handle: CpuVolume, cameras: Sequence[Camera], physics: phys.Physics,
+                       meshes: Sequence[Mesh] | Sequence[Sequence[Mesh]] | None = None) -> np.ndarray:
         """(B, M, H, W) float32 g/cm²; with ``meshes`` the channels are
         :func:`drrfarm.render.output_material_names` (:mod:`drrfarm.render.mesh_reference`)."""
         if meshes_per_image(meshes, len(cameras)) is not None:
@@ -90,8 +99,8 @@ class CpuBackend:
             for cam in cameras
         ]).astype(np.float32)
 
-    def render(self, handle: CpuVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
-               seeds: list[int], meshes: Any = None) -> np.ndarray:
+    def render(self, handle: CpuVolume, cameras: Sequence[Camera], spectrum: Spectrum, physics: phys.Physics,
+               seeds: Sequence[int], meshes: Sequence[Mesh] | Sequence[Sequence[Mesh]] | None = None) -> np.ndarray:
         """(B, H, W) float32 images; ``meshes`` (one list, or one list per camera) render in the same pass;
         ``physics.scatter`` adds the CT's scatter (:mod:`drrfarm.scatter`) before the noise."""
         with_meshes = meshes_per_image(meshes, len(cameras)) is not None
@@ -111,14 +120,12 @@ class CpuBackend:
             images.append(phys.finish_image(A, tables, physics, cam, seed, scatter[b] if scatter else None))
         return np.stack(images)
 
-    def scatter(self, handle: CpuVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
-                seeds: list[int]) -> list[Any] | None:
+    def scatter(self, handle: CpuVolume, cameras: Sequence[Camera], spectrum: Spectrum, physics: phys.Physics,
+                seeds: Sequence[int]) -> list[ScatterImage] | None:
         """The CT's scatter images (:class:`drrfarm.scatter.ScatterImage`), or None for ``scatter: none``.
         Their cost adds to :attr:`scatter_seconds`."""
         if physics.scatter == "none":
             return None
-        from drrfarm.scatter import ScatterEstimator, ScatterVolume
-
         if self._scatter is None:
             self._scatter = ScatterEstimator("cpu")
 

@@ -14,14 +14,13 @@ Volumes are uploaded once per content key (:func:`drrfarm.render.cpu.volume_key`
 textures of half floats, one *layout* per slice axis, built on demand: 2 bytes per channel per voxel
 per layout, the channels being 1 (one material), 2, or 4 (three or four materials; two textures of
 4 for five to eight). A 512×512×600 CT with 3 materials takes 1.26 GB per layout and 3.77 GB with all
-three layouts resident (≤ 4 GB). Layouts are kept in an LRU (:class:`drrfarm.render.gpu_cache.ResidentCache`)
+three layouts resident (≤ 4 GB). Layouts are kept in an LRU (:class:`drrfarm.gpu.resident_cache.ResidentCache`)
 bounded by ``memory_budget_bytes``. Per stream, the split pipeline also keeps scratch of 48 B (ray
 record) + 4·M B (line integrals) per pixel of a chunk of at most 16 M pixels (≈ 0.96 GB for M = 3).
 
-Context: the device's *primary* context (``retain_primary_context``), pushed around every call and
-popped after, so PyTorch (which uses the same primary context) and drrfarm share a process in any
-import order. Kernels come from :mod:`drrfarm.render.cuda_build` (disk cache, prebuilt fat binary,
-nvcc or NVRTC).
+The GPU, its context, kernel modules, events and host buffers come from :mod:`drrfarm.gpu.device`
+(the device's primary context, shared with PyTorch and with the mesh and scatter kernels); layered
+textures from :mod:`drrfarm.gpu.textures`; the parameter record from :mod:`drrfarm.gpu.layouts`.
 
 Results: :meth:`CudaBackend.render_async` returns a :class:`RenderJob` whose ``images`` stay on the
 GPU (``__cuda_array_interface__``: ``torch.as_tensor(job.images, device="cuda")`` shares the memory;
@@ -36,81 +35,55 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pycuda.driver as drv
 
 from drrfarm import physics as phys
 from drrfarm.errors import BackendError, PhysicsError
-from drrfarm.render import cuda_driver as cd
-from drrfarm.render import meshes_per_image, output_material_names, reference
-from drrfarm.render.cpu import spacing_of, volume_key
-from drrfarm.render.cuda_build import load_kernel_image
-from drrfarm.render.cuda_plan import (
-    CAM_STRIDE,
-    INFO_STRIDE,
-    bytes_per_voxel,
-    channels_for,
-    layout_dims,
-    plan_batch,
-    tables_block,
+from drrfarm.gpu import textures
+from drrfarm.gpu.device import GpuDevice, StagingBuffers, blocking_event, free_in_context, pagelocked
+from drrfarm.gpu.layouts import (
+    DRR_CAM_STRIDE,
+    DRR_INFO_STRIDE,
+    DRR_PARAMS_DTYPE,
+    MESH_CAM_STRIDE,
+    MESH_MAX_HITS,
+    MESH_POSE_STRIDE,
 )
-from drrfarm.render.gpu_cache import ResidentCache
-from drrfarm.render.mesh_reference import pack_cameras, pack_poses, widen_channels
+from drrfarm.gpu.resident_cache import ResidentCache
+from drrfarm.render import reference
+from drrfarm.render.cpu import spacing_of, volume_key
+from drrfarm.render.cuda_plan import bytes_per_voxel, channels_for, layout_dims, plan_batch, tables_block
+from drrfarm.render.mesh_cuda import MeshTracer
+from drrfarm.render.mesh_reference import (
+    meshes_per_image,
+    output_material_names,
+    pack_cameras,
+    pack_poses,
+    widen_channels,
+)
+from drrfarm.scatter import ScatterEstimator, ScatterVolume
+
+if TYPE_CHECKING:
+    from drrfarm.geometry import Camera
+    from drrfarm.meshes import Mesh
+    from drrfarm.spectrum import Spectrum
+    from drrfarm.volume import MaterialVolume
 
 OUTPUT_CODES = {"line_integral": 0, "transmission": 1, "intensity": 2, "neglog": 3}
 DTYPE_CODES = {"float32": 0, "float16": 1, "uint16": 2}
 HOST_LAYOUTS = ("images", "delta_planes")  # what render_async copies to the host
 SPLIT_CHUNK_PIXELS = 16 << 20  # pixels per chunk of the split pipeline (48 B of ray record each)
 SCRATCH_STREAMS = 4  # streams whose scratch buffers are kept
-MESH_MAX_HITS = 64  # MESH_MAX_HITS in mesh.cu
 MESH_CHUNK_BYTES = 768 << 20  # scratch per chunk of a mesh render (ray records, CT, chords, intervals)
 MAX_MESH_MATERIALS = 8  # channels drr_finish_m8 holds
 BLOCK = (16, 16)
 
-_PARAMS_DTYPE = np.dtype([
-    ("cams", "<u8"), ("info", "<u8"), ("tables", "<u8"), ("out", "<u8"), ("scratch", "<u8"), ("minmax", "<u8"),
-    ("lint", "<u8"), ("rays", "<u8"), ("tex", "<u8", (6,)), ("texp", "<u8", (6,)),
-    ("nI", "<i4"), ("nJ", "<i4"), ("nK", "<i4"), ("M", "<i4"),
-    ("H", "<i4"), ("W", "<i4"), ("B", "<i4"), ("tstride", "<i4"),
-    ("nbmax", "<i4"), ("mode", "<i4"), ("output", "<i4"), ("out_dtype", "<i4"),
-    ("scale", "<f4"), ("photons", "<f4"), ("sigma_e", "<f4"), ("tau_min", "<f4"),
-    ("solid_angle", "<i4"), ("pad0", "<i4"), ("scale64", "<f8"),
-    ("scatter", "<u8"), ("scatter_h", "<i4"), ("scatter_w", "<i4"), ("pad3", "<i4"), ("pad4", "<i4"),
-])
-assert _PARAMS_DTYPE.itemsize == 264
 
-
-# ------------------------------------------------------------------------------------ device objects
-
-def free_in_context(device_index: int, allocation: Any) -> None:
-    """Free a pycuda device or page-locked host allocation with the GPU's primary context current.
-
-    pycuda frees an allocation dropped on another thread only if its context is current there, else it
-    leaks it (``... in out-of-thread context could not be cleaned up``); render results are released on
-    writer threads, so every buffer drrfarm allocates is freed through here."""
-    gpu = GpuDevice.get(device_index)
-    with gpu.context():
-        allocation.free()
-
-
-def blocking_event() -> Any:
-    """A CUDA event whose ``synchronize`` sleeps: with one context on a many-core host CUDA's default is to
-    spin, and every thread waiting for a render would burn a core the encoders need."""
-    return drv.Event(drv.event_flags.BLOCKING_SYNC)
-
-
-def pagelocked(shape: tuple[int, ...], dtype: Any, device_index: int) -> np.ndarray:
-    """A page-locked host array whose memory is freed in the GPU's context when the array is dropped."""
-    gpu = GpuDevice.get(device_index)
-    with gpu.context():
-        arr = drv.pagelocked_empty(tuple(int(s) for s in shape), np.dtype(dtype))
-    weakref.finalize(arr, free_in_context, device_index, arr.base)
-    return arr
-
+# ------------------------------------------------------------------------------------ results
 
 class DeviceImages:
     """A C-contiguous image buffer on the GPU, usable from PyTorch without a copy.
@@ -345,68 +318,6 @@ def _free_slot(slot: ImageSlot) -> None:
     slot.host = None  # type: ignore[assignment]
 
 
-class _Staging:
-    """Reusable pinned-host + device buffers for per-launch parameters (reused once their event passed)."""
-
-    def __init__(self) -> None:
-        self._slots: list[list[Any]] = []  # [nbytes, host, dev, event]
-
-    def acquire(self, nbytes: int) -> list[Any]:
-        for slot in self._slots:
-            if slot[0] >= nbytes and (slot[3] is None or slot[3].query()):
-                slot[3] = None
-                return slot
-        size = max(4096, 1 << (int(nbytes) - 1).bit_length())
-        slot = [size, drv.pagelocked_empty(size, np.uint8), drv.mem_alloc(size), None]
-        self._slots.append(slot)
-        return slot
-
-
-class GpuDevice:
-    """One GPU: its retained primary context and the loaded kernel modules."""
-
-    _registry: dict[int, GpuDevice] = {}
-    _registry_lock = threading.Lock()
-
-    @classmethod
-    def get(cls, index: int) -> GpuDevice:
-        with cls._registry_lock:
-            gpu = cls._registry.get(index)
-            if gpu is None:
-                gpu = cls._registry[index] = cls(index)
-            return gpu
-
-    def __init__(self, index: int) -> None:
-        drv.init()
-        count = drv.Device.count()
-        if not 0 <= index < count:
-            raise BackendError(f"device: GPU index {index} out of range (this machine has {count} CUDA device(s))")
-        self.index = index
-        self.device = drv.Device(index)
-        self.name = self.device.name()
-        major, minor = self.device.compute_capability()
-        self.arch = f"sm_{major}{minor}"
-        self.primary = self.device.retain_primary_context()
-        self.lock = threading.RLock()
-        self._modules: dict[tuple, tuple[Any, str]] = {}
-
-    @contextmanager
-    def context(self):  # noqa: ANN201
-        self.primary.push()
-        try:
-            yield self
-        finally:
-            drv.Context.pop()
-
-    def module(self, defines: dict[str, int] | None = None) -> tuple[Any, str]:
-        key = tuple(sorted((defines or {}).items()))
-        if key not in self._modules:
-            image, how = load_kernel_image("drr.cu", self.arch, dict(defines or {}))
-            with self.context():
-                self._modules[key] = (drv.module_from_buffer(image), how)
-        return self._modules[key]
-
-
 # ------------------------------------------------------------------------------------ resident volumes
 
 @dataclass
@@ -419,9 +330,9 @@ class _Layout:
 
     def free(self) -> None:
         for h in self.tex_linear + self.tex_point:
-            cd.destroy_texture_object(h)
+            textures.destroy_texture_object(h)
         for a in self.arrays:
-            cd.destroy_array(a)
+            textures.destroy_array(a)
         self.arrays, self.tex_linear, self.tex_point = [], [], []
 
 
@@ -492,7 +403,7 @@ class CudaBackend:
                  joseph_layouts: bool = True, fused: bool = False, mesh_kmax: int = 8) -> None:
         self._gpu = GpuDevice.get(int(device))
         self.mesh_kmax = int(mesh_kmax)
-        self._mesh_tracer: Any = None
+        self._mesh_tracer: MeshTracer | None = None
         self._scenes: OrderedDict[tuple, Any] = OrderedDict()
         self.device_index = int(device)
         self.exact_interpolation = bool(exact_interpolation)
@@ -504,12 +415,12 @@ class CudaBackend:
             free, total = drv.mem_get_info()
         self.memory_budget_bytes = int(memory_budget_bytes) if memory_budget_bytes else int(0.5 * total)
         self._cache = ResidentCache(self.memory_budget_bytes)
-        module, how = self._gpu.module(self.defines)
+        module, how = self._gpu.module("drr.cu", self.defines)
         self._module = module
         self.kernel_source = how
         self._functions: dict[str, Any] = {}
-        self._staging = _Staging()
-        self._scatter: Any = None  # drrfarm.scatter.ScatterEstimator on this GPU, made on first use
+        self._staging = StagingBuffers()
+        self._scatter: ScatterEstimator | None = None  # the CT's scatter on this GPU, made on first use
         self._scratch: dict[Any, list[Any]] = {}
         self._tables_cache: dict[tuple, phys.DetectorTables] = {}
         self._stream = None
@@ -531,13 +442,11 @@ class CudaBackend:
     def stream(self) -> Any:
         """This backend's default CUDA stream (created on first use)."""
         if self._stream is None:
-            with self._gpu.context():
-                self._stream = drv.Stream()
+            self._stream = self._gpu.new_stream()
         return self._stream
 
     def new_stream(self) -> Any:
-        with self._gpu.context():
-            return drv.Stream()
+        return self._gpu.new_stream()
 
     def allocate(self, shape: tuple[int, ...], dtype: Any = "float16") -> DeviceImages:
         """A reusable device image buffer (pass as ``out=``)."""
@@ -555,7 +464,7 @@ class CudaBackend:
 
     # -- volumes -------------------------------------------------------------------------------
 
-    def prepare(self, material_volume: Any, world_from_patient: np.ndarray | None = None,
+    def prepare(self, material_volume: MaterialVolume, world_from_patient: np.ndarray | None = None,
                 layouts: Sequence[int] = ()) -> CudaVolume:
         """Make a volume resident (cached by content); ``layouts`` lists slice axes to build now
         (others are built on first use)."""
@@ -572,7 +481,7 @@ class CudaBackend:
                 self._ensure_layouts(vol, set(int(a) for a in layouts))
             return vol
 
-    def warm_layouts(self, vol: CudaVolume, cameras: Sequence[Any], physics: Any) -> list[int]:
+    def warm_layouts(self, vol: CudaVolume, cameras: Sequence[Camera], physics: phys.Physics) -> list[int]:
         """Build now the slice layouts that renders of ``cameras`` (same size) with ``physics`` use -- else the
         first render that needs one builds it, holding up every render queued behind it; returns the axes."""
         if not cameras:
@@ -620,7 +529,7 @@ class CudaBackend:
             d_pack = drv.mem_alloc(per_layer_pack * chunk)
             try:
                 for _ in range(NT):
-                    arrays.append(cd.create_layered_array(X, Y, L, C))
+                    arrays.append(textures.create_layered_array(X, Y, L, C))
                 for l0 in range(0, L, chunk):
                     nl = min(chunk, L - l0)
                     sl: list[slice] = [slice(None)] * 4
@@ -633,13 +542,13 @@ class CudaBackend:
                         pack(d_src, d_pack, np.int32(M), np.int32(4 * t), np.int32(C), np.int32(I), np.int32(J),
                              np.int32(K), np.int32(axis), np.int32(nl), block=(256, 1, 1), grid=grid)
                         drv.Context.synchronize()
-                        cd.copy_device_to_layers(int(d_pack), arrays[t], X * texel, Y, l0, nl)
+                        textures.copy_device_to_layers(int(d_pack), arrays[t], X * texel, Y, l0, nl)
                 drv.Context.synchronize()
-                tex_lin = [cd.create_texture_object(a, linear=True) for a in arrays]
-                tex_pt = [cd.create_texture_object(a, linear=False) for a in arrays]
+                tex_lin = [textures.create_texture_object(a, linear=True) for a in arrays]
+                tex_pt = [textures.create_texture_object(a, linear=False) for a in arrays]
             except BaseException:
                 for a in arrays:
-                    cd.destroy_array(a)
+                    textures.destroy_array(a)
                 raise
             finally:
                 d_src.free()
@@ -674,10 +583,10 @@ class CudaBackend:
             tab = self._tables_cache[key] = phys.detector_tables(spectrum, names, physics)
         return tab
 
-    def _launch(self, vol: CudaVolume, cameras: Sequence[Any], physics: phys.Physics, *, mode: int,
+    def _launch(self, vol: CudaVolume, cameras: Sequence[Camera], physics: phys.Physics, *, mode: int,
                 spectra: Any = None, seeds: Sequence[int] | None = None, dtype: str = "float32",
                 to_host: bool = True, out: Any = None, host_out: np.ndarray | None = None,
-                stream: Any = None, meshes: Sequence[Sequence[Any]] | None = None,
+                stream: Any = None, meshes: Sequence[Sequence[Mesh]] | None = None,
                 scatter: np.ndarray | None = None, host_layout: str = "images") -> RenderJob:
         """One launch. ``meshes``: one list per camera, all of one scene (same meshes, own poses);
         ``scatter``: (B, 2, H_t, W_t) scatter signal and counts tallies added before the noise (mode 1);
@@ -701,7 +610,7 @@ class CudaBackend:
             raise BackendError(f"meshes: at most {MAX_MESH_MATERIALS} materials in one render, got {M_out} ({names})")
         h0 = float(physics.step_voxels) * float(min(vol.spacing_mm))
         cams, principal, corner_axes = plan_batch(cameras, vol.ijk_from_world, h0, vol.shape)
-        info = np.zeros((B, INFO_STRIDE), dtype=np.uint32)
+        info = np.zeros((B, DRR_INFO_STRIDE), dtype=np.uint32)
         axes = set(principal.tolist())
         if method == "joseph" and self.joseph_layouts:
             axes |= corner_axes
@@ -744,7 +653,7 @@ class CudaBackend:
         host_shape = (B, 2 * H * W) if planes else out_shape
         host_dtype = np.dtype(np.uint8) if planes else out_dtype
 
-        params = np.zeros((), dtype=_PARAMS_DTYPE)
+        params = np.zeros((), dtype=DRR_PARAMS_DTYPE)
         with self._lock:
             self._ensure_layouts(vol, axes)
             with self._gpu.context():
@@ -876,8 +785,8 @@ class CudaBackend:
         for i0 in range(0, B, per_chunk):
             n = min(per_chunk, B - i0)
             q = base.copy()
-            q["cams"] = int(base["cams"]) + i0 * CAM_STRIDE * 8
-            q["info"] = int(base["info"]) + i0 * INFO_STRIDE * 4
+            q["cams"] = int(base["cams"]) + i0 * DRR_CAM_STRIDE * 8
+            q["info"] = int(base["info"]) + i0 * DRR_INFO_STRIDE * 4
             q["B"] = n
             q["rays"] = int(rays)
             if base["scratch"]:
@@ -908,15 +817,13 @@ class CudaBackend:
                 fn_finish(q[()], block=(16, 16, 1), grid=((W + 15) // 16, (H + 15) // 16, n), stream=stream,
                           shared=shared)
 
-    def _tracer(self) -> Any:
+    def _tracer(self) -> MeshTracer:
         """The mesh tracer (``kernels/mesh.cu``) on this backend's GPU, loaded on first use."""
         if self._mesh_tracer is None:
-            from drrfarm.render.mesh_cuda import MeshTracer
-
             self._mesh_tracer = MeshTracer(self.device_index)
         return self._mesh_tracer
 
-    def _scene(self, meshes: Sequence[Any], material_names: Sequence[str]) -> Any:
+    def _scene(self, meshes: Sequence[Mesh], material_names: Sequence[str]) -> Any:
         """The uploaded scene of ``meshes`` (cached by geometry, material, density and mode)."""
         key = (scene_key(meshes), tuple(material_names))
         scene = self._scenes.get(key)
@@ -947,10 +854,10 @@ class CudaBackend:
     def _scratch_for(self, stream: Any, n_pixels: int, n_images: int) -> tuple[Any, Any]:
         return self._buffer(stream, "neglog", 4 * n_pixels), self._buffer(stream, "minmax", 8 * n_images)
 
-    def render_async(self, handle: CudaVolume, cameras: Sequence[Any], spectrum: Any, physics: phys.Physics,
+    def render_async(self, handle: CudaVolume, cameras: Sequence[Camera], spectrum: Any, physics: phys.Physics,
                      seeds: Sequence[int], *, dtype: str = "float32", to_host: bool = True, out: Any = None,
                      host_out: np.ndarray | None = None, stream: Any = None,
-                     meshes: Sequence[Sequence[Any]] | None = None, scatter: np.ndarray | None = None,
+                     meshes: Sequence[Sequence[Mesh]] | None = None, scatter: np.ndarray | None = None,
                      host_layout: str = "images") -> RenderJob:
         """Enqueue one batch; returns at once.
 
@@ -971,8 +878,9 @@ class CudaBackend:
                             to_host=to_host, out=out, host_out=host_out, stream=stream,
                             meshes=meshes_per_image(meshes, len(cameras)), scatter=scatter, host_layout=host_layout)
 
-    def render(self, handle: CudaVolume, cameras: list[Any], spectrum: Any, physics: phys.Physics,
-               seeds: list[int], meshes: Any = None) -> np.ndarray:
+    def render(self, handle: CudaVolume, cameras: Sequence[Camera], spectrum: Spectrum | Sequence[Spectrum],
+               physics: phys.Physics, seeds: Sequence[int],
+               meshes: Sequence[Mesh] | Sequence[Sequence[Mesh]] | None = None) -> np.ndarray:
         """Output images (B, H, W) float32 (the :class:`~drrfarm.render.Backend` contract)."""
         if len(seeds) != len(cameras):
             raise PhysicsError(f"seeds: need one seed per camera ({len(cameras)}), got {len(seeds)}")
@@ -988,7 +896,7 @@ class CudaBackend:
 
         return self._by_scene(cameras, meshes, run, lambda h, w: (h, w))
 
-    def _render_copy(self, handle: CudaVolume, cameras: list[Any], spectra: list[Any], physics: phys.Physics,
+    def _render_copy(self, handle: CudaVolume, cameras: list[Camera], spectra: list[Any], physics: phys.Physics,
                      seeds: list[int], **kwargs: Any) -> np.ndarray:
         """One launch into a reused buffer pair of :attr:`_ring`, waited for and copied out: (B, H, W) float32."""
         shape = (len(cameras), int(cameras[0].height), int(cameras[0].width))
@@ -1004,14 +912,12 @@ class CudaBackend:
         """A new :class:`ImageRing` of ``slots`` reusable buffer pairs on this backend's GPU (the caller closes it)."""
         return ImageRing(self.device_index, slots)
 
-    def scatter_tallies(self, handle: CudaVolume, cameras: Sequence[Any], spectra: Sequence[Any],
+    def scatter_tallies(self, handle: CudaVolume, cameras: Sequence[Camera], spectra: Sequence[Any],
                         physics: phys.Physics, seeds: Sequence[int]) -> np.ndarray | None:
         """(B, 2, H_t, W_t) float32 scatter signal and counts of the CT (:mod:`drrfarm.scatter`, on this GPU)
         for ``physics.scatter`` = ``fast`` / ``monte_carlo``; None for ``none``. Adds to :attr:`scatter_seconds`."""
         if physics.scatter == "none":
             return None
-        from drrfarm.scatter import ScatterEstimator, ScatterVolume
-
         if self._scatter is None:
             self._scatter = ScatterEstimator("cuda", self.device_index)
 
@@ -1038,8 +944,8 @@ class CudaBackend:
         """Time spent on scatter since construction."""
         return self._scatter.seconds if self._scatter is not None else 0.0
 
-    def line_integrals(self, handle: CudaVolume, cameras: list[Any], physics: phys.Physics,
-                       meshes: Any = None) -> np.ndarray:
+    def line_integrals(self, handle: CudaVolume, cameras: Sequence[Camera], physics: phys.Physics,
+                       meshes: Sequence[Mesh] | Sequence[Sequence[Mesh]] | None = None) -> np.ndarray:
         """Per-material line integrals (B, M, H, W) float32 in g/cm² (with ``meshes``: the channels of
         :func:`drrfarm.render.output_material_names` over every mesh of the call; zero where an image
         lacks a material)."""
@@ -1056,7 +962,7 @@ class CudaBackend:
 
         return self._by_scene(cameras, meshes, run, lambda h, w: (len(names_all), h, w))
 
-    def _by_scene(self, cameras: Sequence[Any], meshes: Any, run: Any, tail: Any) -> np.ndarray:
+    def _by_scene(self, cameras: Sequence[Camera], meshes: Any, run: Any, tail: Any) -> np.ndarray:
         """``run(indices, meshes per image or None)`` for each group of images sharing a mesh scene."""
         per = meshes_per_image(meshes, len(cameras))
         if per is None:
@@ -1072,7 +978,7 @@ class CudaBackend:
             result[idx] = run(idx, [per[i] for i in idx] if per[idx[0]] else None)
         return result
 
-    def _grouped(self, cameras: Sequence[Any], run: Any, tail: Any) -> np.ndarray:
+    def _grouped(self, cameras: Sequence[Camera], run: Any, tail: Any) -> np.ndarray:
         if not cameras:
             raise BackendError("cameras: need at least one camera")
         sizes = {(int(c.height), int(c.width)) for c in cameras}
@@ -1089,11 +995,11 @@ class CudaBackend:
 
 # ------------------------------------------------------------------------------------ meshes
 
-MESH_CAM_BYTES = 16 * 8  # mesh.cu camera record (MCAM_STRIDE doubles)
+MESH_CAM_BYTES = MESH_CAM_STRIDE * 8  # mesh.cu camera record
 MESH_SCENES_CACHED = 16
 
 
-def scene_key(meshes: Sequence[Any]) -> tuple:
+def scene_key(meshes: Sequence[Mesh]) -> tuple:
     """What makes two images' meshes one scene on the GPU: each mesh's geometry, material, density and
     mode, in order (poses may differ)."""
     return tuple((m.geometry_sha256, m.material, float(m.density_g_cm3), m.mode) for m in meshes)
@@ -1114,7 +1020,7 @@ class _MeshRun:
 
     @property
     def pose_bytes(self) -> int:
-        return self.scene.n_meshes * 12 * 8
+        return self.scene.n_meshes * MESH_POSE_STRIDE * 8
 
     def bytes_per_pixel(self, n_ct_materials: int) -> int:
         """Scratch bytes per pixel: ray record, line integrals (CT and widened), chords, intervals."""

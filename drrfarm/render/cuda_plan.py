@@ -14,10 +14,8 @@ import numpy as np
 
 from drrfarm import physics as phys
 from drrfarm.errors import BackendError, PhysicsError
+from drrfarm.gpu.layouts import DRR_CAM_STRIDE
 from drrfarm.render import reference
-
-CAM_STRIDE = 24
-INFO_STRIDE = 4
 
 
 def layout_dims(shape: tuple[int, int, int], axis: int) -> tuple[int, int, int]:
@@ -48,14 +46,14 @@ def bytes_per_voxel(n_materials: int, layouts: int = 1) -> int:
 # ------------------------------------------------------------------------------------ geometry on the CPU
 
 def camera_block(camera: Any, ijk_from_world_4x4: np.ndarray, h0_mm: float, tri_axis: int) -> np.ndarray:
-    """The kernel's per-image camera record (CAM_STRIDE float64, layout in drr.cu)."""
+    """The kernel's per-image camera record (DRR_CAM_STRIDE float64, layout in drr.cu)."""
     K = np.asarray(camera.K, dtype=np.float64)
     R = np.asarray(camera.R, dtype=np.float64)
     A = ijk_from_world_4x4[:3, :3]
     Kinv = np.linalg.inv(K)
     G = A @ R.T @ Kinv
     src = A @ np.asarray(camera.source_world_mm, dtype=np.float64) + ijk_from_world_4x4[:3, 3]
-    out = np.zeros(CAM_STRIDE, dtype=np.float64)
+    out = np.zeros(DRR_CAM_STRIDE, dtype=np.float64)
     out[0:9] = G.ravel()
     out[9:14] = (Kinv[0, 0], Kinv[0, 1], Kinv[0, 2], Kinv[1, 1], Kinv[1, 2])
     out[14:17] = src
@@ -70,7 +68,7 @@ def plan_batch(cameras: Sequence[Any], ijk_from_world_4x4: np.ndarray, h0_mm: fl
                shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, set[int]]:
     """Vectorised :func:`camera_block` for a batch of same-size cameras.
 
-    Returns ``(records (B, CAM_STRIDE) float64, principal axes (B,), corner axes)`` where the corner
+    Returns ``(records (B, DRR_CAM_STRIDE) float64, principal axes (B,), corner axes)`` where the corner
     axes are the dominant axes of the four corner rays of every image: the layouts worth building for
     Joseph stepping. A ray whose dominant axis has no resident layout is still rendered exactly (the
     kernel samples the same points trilinearly from the image's principal-axis layout, two fetches
@@ -92,7 +90,7 @@ def plan_batch(cameras: Sequence[Any], ijk_from_world_4x4: np.ndarray, h0_mm: fl
         reference.check_source_outside(cameras[int(np.argmax(inside))], ijk_from_world_4x4, shape)
     principal = np.argmax(np.abs(R[:, 2, :] @ A.T), axis=1)
     B = len(cameras)
-    out = np.zeros((B, CAM_STRIDE), dtype=np.float64)
+    out = np.zeros((B, DRR_CAM_STRIDE), dtype=np.float64)
     out[:, 0:9] = G.reshape(B, 9)
     out[:, 9:14] = np.stack([Kinv[:, 0, 0], Kinv[:, 0, 1], Kinv[:, 0, 2], Kinv[:, 1, 1], Kinv[:, 1, 2]], axis=1)
     out[:, 14:17] = src

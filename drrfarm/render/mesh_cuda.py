@@ -1,9 +1,9 @@
 """Host side of ``kernels/mesh.cu`` (pycuda): upload a mesh scene, trace it for a batch of cameras.
 
-Standalone so the mesh kernel can be tested and benchmarked before it is wired into
-:mod:`drrfarm.render.cuda` (whose launch would call :meth:`MeshTracer.trace_device` on its own
-stream, with ``lint`` pointing at its line-integral buffer and ``intervals`` read by the CT march).
-Uses the device's primary context, pushed around every call, as the CUDA backend does.
+Standalone so the mesh kernel can be tested and benchmarked on its own; :mod:`drrfarm.render.cuda`
+calls :meth:`MeshTracer.trace_device` on its own stream, with ``lint`` pointing at its line-integral
+buffer and ``intervals`` read by the CT march. Uses the device's primary context
+(:class:`drrfarm.gpu.device.GpuDevice`), pushed around every call, as the CUDA backend does.
 """
 
 from __future__ import annotations
@@ -16,18 +16,11 @@ import numpy as np
 import pycuda.driver as drv
 
 from drrfarm.errors import BackendError
-from drrfarm.render.cuda import GpuDevice
-from drrfarm.render.cuda_build import load_kernel_image
+from drrfarm.gpu.device import GpuDevice
+from drrfarm.gpu.layouts import MESH_KMAX_LOCAL, MESH_PARAMS_DTYPE
 from drrfarm.render.mesh_reference import pack_cameras, pack_poses, pack_scene
 
-MESH_PARAMS_DTYPE = np.dtype([
-    ("cams", "<u8"), ("poses", "<u8"), ("nodes", "<u8"), ("tris", "<u8"), ("meshes", "<u8"), ("density", "<u8"),
-    ("chords", "<u8"), ("lint", "<u8"), ("intervals", "<u8"), ("n_intervals", "<u8"), ("overflow", "<u8"),
-    ("H", "<i4"), ("W", "<i4"), ("B", "<i4"), ("NM", "<i4"),
-    ("M", "<i4"), ("kmax", "<i4"), ("pad0", "<i4"), ("pad1", "<i4"),
-])
-assert MESH_PARAMS_DTYPE.itemsize == 120
-KMAX_LIMIT = 16  # MESH_KMAX_LOCAL in mesh.cu
+KMAX_LIMIT = MESH_KMAX_LOCAL
 BLOCK = (16, 8, 1)
 
 
@@ -58,9 +51,8 @@ class MeshTracer:
     def __init__(self, device: int = 0) -> None:
         self.gpu = GpuDevice.get(device)  # the same primary context as the render backend
         self.context = self.gpu.context
-        image, self.build = load_kernel_image("mesh.cu", self.gpu.arch)
+        self.module, self.build = self.gpu.module("mesh.cu")
         with self.context():
-            self.module = drv.module_from_buffer(image)
             self._trace = self.module.get_function("mesh_trace")
             self._count = self.module.get_function("mesh_count_skipped")
             self._add = self.module.get_function("mesh_add_chords")

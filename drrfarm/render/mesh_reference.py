@@ -41,7 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from drrfarm.render import meshes_per_image, reference
+from drrfarm import physics as phys
+from drrfarm.errors import BackendError
+from drrfarm.materials import canonical_material_name
+from drrfarm.render import reference
 
 EPS_BARY = 1e-9  # barycentric slack: edge/vertex hits are found on every adjacent triangle, then merged
 DET_TOL = 1e-15  # |det| <= DET_TOL |e1| |e2| |d|: ray parallel to the triangle's plane
@@ -49,6 +52,31 @@ CLUSTER_REL = 1e-9  # hits closer than 1e-9 (1 + |t|) mm are one crossing
 BOX_PAD_REL = 1e-9  # node boxes padded by BOX_PAD_REL * (1 + |coordinate|) mm
 RAYS_PER_TRACE = 1 << 16
 SAMPLES_PER_FETCH = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------------ meshes per image
+
+def meshes_per_image(meshes: Any, n_images: int) -> list[list[Any]] | None:
+    """``meshes`` as one list per image, or None when no image has a mesh.
+
+    ``meshes``: None, a list of meshes (every image), or a list of ``n_images`` lists.
+    """
+    if not meshes:
+        return None
+    items = list(meshes)
+    if isinstance(items[0], (list, tuple)):
+        if len(items) != n_images:
+            raise BackendError(f"meshes: need one list per camera ({n_images}), got {len(items)}")
+        per = [list(m) for m in items]
+    else:
+        per = [items] * n_images
+    return per if any(per) else None
+
+
+def output_material_names(material_names: Sequence[str], meshes: Sequence[Any]) -> list[str]:
+    """Line-integral channels with ``meshes``: the CT's materials, then mesh materials it lacks."""
+    return mesh_material_channels(meshes, material_names)[0]
+
 
 
 # ------------------------------------------------------------------------------------------------ BVH
@@ -396,8 +424,6 @@ class MeshPass:
 def mesh_material_channels(meshes: Sequence[Any], material_names: Sequence[str]) -> tuple[list[str], list[int]]:
     """Output material names (the CT's, then mesh materials the CT lacks, matched by canonical
     name) and each mesh's channel index."""
-    from drrfarm.materials import canonical_material_name
-
     names = list(material_names)
     canon = [canonical_material_name(n) for n in names]
     channel = []
@@ -558,8 +584,6 @@ def cpu_line_integrals(handle: Any, cameras: Sequence[Any], physics: Any, meshes
 def widen_channels(values: np.ndarray, names: Sequence[str], names_all: Sequence[str]) -> np.ndarray:
     """(..., len(names), H, W) line integrals -> (..., len(names_all), H, W), zero in the channels
     ``names`` lacks (materials matched by canonical name; ``names_all`` contains every name)."""
-    from drrfarm.materials import canonical_material_name
-
     canon_all = [canonical_material_name(n) for n in names_all]
     index = [canon_all.index(canonical_material_name(n)) for n in names]
     if index == list(range(len(names_all))):
@@ -572,8 +596,6 @@ def widen_channels(values: np.ndarray, names: Sequence[str], names_all: Sequence
 def cpu_render(handle: Any, cameras: Sequence[Any], spectrum: Any, physics: Any, seeds: Sequence[int],
                meshes: Any) -> np.ndarray:
     """Images (B, H, W) float32 with meshes: the CPU backend's ``render`` plus meshes (reference)."""
-    from drrfarm import physics as phys
-
     if len(seeds) != len(cameras):
         raise phys.PhysicsError(f"seeds: need one seed per camera ({len(cameras)}), got {len(seeds)}")
     per = meshes_per_image(meshes, len(cameras)) or [[] for _ in cameras]

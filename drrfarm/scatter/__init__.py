@@ -4,7 +4,7 @@
 to the primary image:
 
 * ``monte_carlo``: photon transport through the material volume (:mod:`drrfarm.scatter.reference`
-  on the CPU, ``render/kernels/scatter.cu`` on a GPU, the same histories from the same seeds);
+  on the CPU, ``scatter/scatter.cu`` on a GPU, the same histories from the same seeds);
 * ``fast``: the same Monte Carlo on a coarsened volume with few histories, low-passed
   (:mod:`drrfarm.scatter.fast`).
 
@@ -105,7 +105,7 @@ class ScatterEstimator:
         self.seconds = 0.0
         self._volumes: dict[tuple[str, bool], ScatterVolume] = {}
         self._gpu: Any = None
-        if engine == "cuda":
+        if engine == "cuda":  # imports pycuda
             from drrfarm.scatter.cuda import CudaScatter
 
             self._gpu = CudaScatter(device)

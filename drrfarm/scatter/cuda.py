@@ -1,4 +1,4 @@
-"""Host side of ``render/kernels/scatter.cu`` (pycuda): the scatter Monte Carlo on a GPU.
+"""Host side of ``scatter.cu`` (beside this module; pycuda): the scatter Monte Carlo on a GPU.
 
 The tables come from :func:`drrfarm.scatter.tables.transport_tables` (CPU side), the volume from a
 :class:`~drrfarm.scatter.reference.ScatterVolume`; results are the same :class:`ScatterTally` the CPU
@@ -17,31 +17,18 @@ import numpy as np
 import pycuda.driver as drv
 
 from drrfarm.errors import BackendError
-from drrfarm.render.cuda import GpuDevice, blocking_event
-from drrfarm.render.cuda_build import load_kernel_image
+from drrfarm.gpu.device import GpuDevice, blocking_event
+from drrfarm.gpu.layouts import SCATTER_CAM_STRIDE, SCATTER_PARAMS_DTYPE
 from drrfarm.scatter.reference import ScatterTally, ScatterVolume, default_tally_shape
 from drrfarm.scatter.tables import TransportTables
 
-SCATTER_PARAMS_DTYPE = np.dtype([
-    ("dens", "<u8"), ("mu", "<u8"), ("majorant", "<u8"), ("compton_s", "<u8"), ("rayleigh_cdf", "<u8"),
-    ("eta", "<u8"), ("spec_kev", "<u8"), ("spec_cdf", "<u8"), ("cams", "<u8"), ("keys", "<u8"), ("tally", "<u8"),
-    ("energy", "<u8"), ("interactions", "<u8"), ("pad_ptr", "<u8"),
-    ("ijk_from_world", "<f8", (12,)),
-    ("e0", "<f8"), ("de", "<f8"), ("x_step", "<f8"), ("signal_norm", "<f8"), ("count_norm", "<f8"), ("pad_d", "<f8"),
-    ("photons", "<i8"),
-    ("I", "<i4"), ("J", "<i4"), ("K", "<i4"), ("M", "<i4"), ("NE", "<i4"), ("NX", "<i4"), ("NB", "<i4"), ("H", "<i4"),
-    ("W", "<i4"), ("Ht", "<i4"), ("Wt", "<i4"), ("solid_angle", "<i4"), ("signal_per_photon", "<i4"),
-    ("n_img", "<i4"), ("pad_i0", "<i4"), ("pad_i1", "<i4"),
-])
-assert SCATTER_PARAMS_DTYPE.itemsize == 328
-CAM_STRIDE = 32
 BLOCK = 256
 MAX_PHOTONS_PER_IMAGE = (1 << 32) - 1  # the photon index is one 32-bit Philox counter word
 
 
 def pack_cameras(cameras: Sequence[Any]) -> np.ndarray:
     """(B, 32) float64 per camera: R (9), t (3), K rows 0-1 (6), sdd_mm, R^T K^-1 (9), source (3), 0."""
-    out = np.zeros((len(cameras), CAM_STRIDE))
+    out = np.zeros((len(cameras), SCATTER_CAM_STRIDE))
     for b, c in enumerate(cameras):
         out[b, 0:9] = np.asarray(c.R).reshape(-1)
         out[b, 9:12] = c.t
@@ -67,9 +54,8 @@ class CudaScatter:
 
     def __init__(self, device: int = 0, memory_budget_bytes: int | None = None) -> None:
         self.gpu = GpuDevice.get(device)
-        image, self.build = load_kernel_image("scatter.cu", self.gpu.arch)
+        self.module, self.build = self.gpu.module("scatter.cu")
         with self.gpu.context():
-            self.module = drv.module_from_buffer(image)
             self._kernel = self.module.get_function("scatter_mc")
             self.sm_count = int(self.gpu.device.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT))
         self.memory_budget_bytes = memory_budget_bytes

@@ -1,8 +1,9 @@
 """Philox4x32-10 (Salmon et al., SC'11) vectorised in NumPy: the Monte Carlo's counter-based RNG.
 
-The CUDA kernel (``render/kernels/scatter.cu``) computes the same function, so a photon's random
-numbers depend only on ``(seed, photon index, draw counter)`` and the CPU reference and the GPU
-replay the same photon histories. Uniforms are ``(word + 0.5) * 2**-32``: in the open interval (0, 1).
+The CUDA kernels compute the same function (``gpu/kernels/shared.cuh``, used by ``scatter/scatter.cu``),
+so a photon's random numbers depend only on ``(seed, photon index, draw counter)`` and the CPU
+reference and the GPU replay the same photon histories. Uniforms are ``(word + 0.5) * 2**-32``: in
+the open interval (0, 1).
 """
 
 from __future__ import annotations

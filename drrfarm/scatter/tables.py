@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from drrfarm.errors import PhysicsError
+from drrfarm.materials import material_info
+from drrfarm.physics import detector_efficiency
 
 HC_KEV_ANGSTROM = 12.398419843320026  # h c in keV Å (CODATA 2018)
 ELECTRON_REST_ENERGY_KEV = 510.99895
@@ -136,8 +138,6 @@ def _material_arrays(name: str, n_energies: int, n_x: int) -> tuple[np.ndarray, 
     import xraydb
     import xraylib
 
-    from drrfarm.materials import material_info
-
     e_ev = (ENERGY_MIN_KEV + ENERGY_STEP_KEV * np.arange(n_energies)) * 1e3
     x = X_STEP_PER_ANGSTROM * np.arange(n_x)
     mu = np.zeros((3, n_energies))
@@ -161,8 +161,6 @@ def _material_arrays(name: str, n_energies: int, n_x: int) -> tuple[np.ndarray, 
 
 def transport_tables(spectrum: Any, material_names: list[str], physics: Any) -> TransportTables:
     """Tables for ``spectrum`` (a :class:`drrfarm.spectrum.Spectrum`), materials and detector model."""
-    from drrfarm.physics import detector_efficiency
-
     energies = np.asarray(spectrum.energies_kev, dtype=np.float64)
     probs = np.asarray(spectrum.weights, dtype=np.float64)
     if energies.size == 0 or not np.all(probs >= 0) or probs.sum() <= 0:

@@ -7,8 +7,8 @@
 // and the cast to the stored type.  Either in one kernel (drr_<method>_*) or split in three
 // (drr_rays_<method> -> drr_march_<method>_* -> drr_finish_m*), the default: the march kernel then
 // needs few registers, and the occupancy that buys hides the texture latency.  No CUDA headers beyond
-// what nvcc/NVRTC provide implicitly (texture-object fetches); no curand (our own Philox4x32-10), no
-// cuda_fp16.h (inline PTX for fp16).
+// what nvcc/NVRTC provide implicitly (texture-object fetches); no curand (Philox4x32-10 of
+// drrfarm/gpu/kernels/shared.cuh), no cuda_fp16.h (inline PTX for fp16).
 //
 // Volumes live in layered 2D textures of half-float texels (C = 1, 2 or 4 channels; NT = 2 textures
 // for 5..8 materials).  Layout for slice axis a (0 = i, 1 = j, 2 = k): layer = index along a,
@@ -18,9 +18,7 @@
 // the trilinear march takes two bilinear fetches (adjacent layers) and interpolates between them
 // with an fp32 weight.
 
-typedef unsigned int u32;
-typedef unsigned long long u64;
-typedef unsigned short u16;
+#include "params.cuh"  // DrrParams and its record strides; shared.cuh: Philox4x32-10, THREAD_PIXEL
 
 #ifndef DRR_MIN_BLOCKS
 #define DRR_MIN_BLOCKS 1  // __launch_bounds__ minimum resident blocks of 256 threads (register cap)
@@ -35,32 +33,7 @@ typedef unsigned short u16;
 constexpr int kSliceUnroll = DRR_UNROLL;
 constexpr int kSliceUnrollC4 = DRR_UNROLL_C4;
 
-#define CAM_STRIDE 24
-#define INFO_STRIDE 4
 #define NEGLOG_EPS 0.01f
-
-// Kernel parameters, passed by value (must match _PARAMS_DTYPE in drrfarm/render/cuda.py).
-struct Params {
-    u64 cams;     // const double*: CAM_STRIDE doubles per image (see camera_block in cuda.py)
-    u64 info;     // const u32*: INFO_STRIDE per image: spectrum index, seed lo, seed hi, trilinear layout axis
-    u64 tables;   // const float*: per spectrum, tstride floats: nb, S0, w_sig[nbmax], w_cnt[nbmax], mu[nbmax*M]
-    u64 out;      // output buffer
-    u64 scratch;  // float* (B,H,W) intensity for neglog
-    u64 minmax;   // u32* (B,2) min/max intensity bits for neglog
-    u64 lint;     // const float* (B,M,H,W) line integrals (input of drr_finish)
-    u64 rays;     // float4* 3 per pixel: Ray records (split pipeline)
-    u64 tex[6];   // linear-filtered texture objects, [axis * 2 + t]
-    u64 texp[6];  // point-filtered texture objects over the same arrays (exact interpolation mode)
-    int nI, nJ, nK, M;
-    int H, W, B, tstride;
-    int nbmax, mode, output, out_dtype;
-    float scale, photons, sigma_e, tau_min;
-    int solid_angle, pad0;
-    double scale64;  // the uint16 scale in float64: stored = rint(double(y) / scale64), as the CPU quantiser
-    u64 scatter;  // const float* (B, 2, scatter_h, scatter_w): scatter signal and counts tallies, or 0
-    int scatter_h, scatter_w, pad3, pad4;
-};
-static_assert(sizeof(Params) == 264, "Params must match _PARAMS_DTYPE (264 bytes)");
 
 enum { MODE_LINE_INTEGRALS = 0, MODE_IMAGE = 1 };
 enum { OUT_LINE_INTEGRAL = 0, OUT_TRANSMISSION = 1, OUT_INTENSITY = 2, OUT_NEGLOG = 3 };
@@ -74,7 +47,7 @@ __device__ __forceinline__ u16 f32_to_f16_bits(float v) {
     return r;
 }
 
-__device__ __forceinline__ void store_output(const Params& p, size_t idx, float y) {
+__device__ __forceinline__ void store_output(const DrrParams& p, size_t idx, float y) {
     if (p.out_dtype == DT_F32) {
         reinterpret_cast<float*>(p.out)[idx] = y;
     } else if (p.out_dtype == DT_F16) {
@@ -88,21 +61,7 @@ __device__ __forceinline__ void store_output(const Params& p, size_t idx, float 
     }
 }
 
-// ---------------------------------------------------------------------------------- Philox4x32-10
-
-__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
-#pragma unroll
-    for (int r = 0; r < 10; ++r) {
-        const u32 lo0 = 0xD2511F53u * c.x;
-        const u32 hi0 = __umulhi(0xD2511F53u, c.x);
-        const u32 lo1 = 0xCD9E8D57u * c.z;
-        const u32 hi1 = __umulhi(0xCD9E8D57u, c.z);
-        c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
-        k.x += 0x9E3779B9u;
-        k.y += 0xBB67AE85u;
-    }
-    return c;
-}
+// ---------------------------------------------------------------------------------- random numbers
 
 // Counter-based stream for one pixel: counter = (pixel, block, purpose, 0), key = 64-bit seed.
 struct Rng {
@@ -126,7 +85,7 @@ struct Rng {
         return r;
     }
     // Uniform in the open interval (0, 1).
-    __device__ __forceinline__ double uniform() { return ((double)next() + 0.5) * 2.3283064365386963e-10; }
+    __device__ __forceinline__ double uniform() { return open_uniform(next()); }
 };
 
 // Exact Poisson sampler: multiplication (Knuth) below lambda 10, Hoermann's PTRS
@@ -167,6 +126,21 @@ __device__ __forceinline__ float std_normal(Rng& g) {
     sincospif(2.0f * (float)u2, &s, &c);
     return sqrtf(-2.0f * logf((float)u1)) * c;
 }
+
+// ------------------------------------------------------------------------------------- the image of a thread
+
+// Image b's info words (DRR_INFO_STRIDE u32) and camera record (DRR_CAM_STRIDE doubles).
+#define IMAGE_INFO(p, b) (reinterpret_cast<const u32*>((p).info) + DRR_INFO_STRIDE * (b))
+#define IMAGE_CAMERA(p, b) (reinterpret_cast<const double*>((p).cams) + DRR_CAM_STRIDE * (b))
+
+// This image's spectrum tables (p.tstride floats) -> shared memory ``sh``, by the whole block.
+#define LOAD_TABLES(p, info, sh)                                                                        \
+    do {                                                                                                \
+        const float* tb = reinterpret_cast<const float*>((p).tables) + (size_t)(info)[0] * (p).tstride; \
+        const int tid = threadIdx.y * blockDim.x + threadIdx.x;                                        \
+        for (int i = tid; i < (p).tstride; i += blockDim.x * blockDim.y) (sh)[i] = tb[i];              \
+        __syncthreads();                                                                                \
+    } while (0)
 
 // ------------------------------------------------------------------------------------- sampling
 
@@ -235,7 +209,7 @@ __device__ __forceinline__ void slab(double s, double d, int n, double& t_near, 
     if (d == 0.0) {
         const bool inside = (s > -0.5) && (s < (double)n - 0.5);
         if (!inside) {
-            t_near = __longlong_as_double(0x7ff0000000000000LL);
+            t_near = inf64();
             t_far = -t_near;
         }
     } else {
@@ -249,7 +223,7 @@ __device__ __forceinline__ void slab(double s, double d, int n, double& t_near, 
 // Trilinear samples at base + k * step (k = 0..ns-1, index coordinates) from the layered texture of
 // slice axis L: a bilinear fetch on the two layers around the L coordinate, blended with an fp32 weight.
 template <int C, int NT, int EXACT, int UNROLL>
-__device__ __forceinline__ void march_layers(const Params& p, int L, float b0, float b1, float b2, float g0, float g1,
+__device__ __forceinline__ void march_layers(const DrrParams& p, int L, float b0, float b1, float b2, float g0, float g1,
                                              float g2, int ns, float* acc) {
     const int xa = layout_x_axis(L), ya = layout_y_axis(L);
     u64 tl[NT], tp[NT];
@@ -287,7 +261,7 @@ __device__ __forceinline__ float scatter_axis(int x, int n_out, int n_in, int& i
     return c - (float)i0;
 }
 
-__device__ __forceinline__ void scatter_at(const Params& p, int u, int v, int b, float& sig, float& cnt) {
+__device__ __forceinline__ void scatter_at(const DrrParams& p, int u, int v, int b, float& sig, float& cnt) {
     int u0, u1, v0, v1;
     const float wu = scatter_axis(u, p.W, p.scatter_w, u0, u1);
     const float wv = scatter_axis(v, p.H, p.scatter_h, v0, v1);
@@ -308,7 +282,7 @@ __device__ __forceinline__ void scatter_at(const Params& p, int u, int v, int b,
 // Detector model, fall-off, noise, output transform and cast for one pixel (physics.finish_image).
 // ``sh``: this image's spectrum tables in shared memory; ``A``: the pixel's material line integrals.
 template <int MAXM>
-__device__ __forceinline__ void finish_pixel(const Params& p, const float* sh, const double* cam, const u32* info,
+__device__ __forceinline__ void finish_pixel(const DrrParams& p, const float* sh, const double* cam, const u32* info,
                                              int u, int v, int b, const float* A) {
     const double pu = (double)u, pv = (double)v;
     const size_t pix = (size_t)v * p.W + u;
@@ -397,7 +371,7 @@ struct RayGeometry {
 };
 
 // Reference: camera_rays_ijk and clip_rays_to_box.
-__device__ __forceinline__ RayGeometry ray_geometry(const Params& p, const double* cam, int u, int v) {
+__device__ __forceinline__ RayGeometry ray_geometry(const DrrParams& p, const double* cam, int u, int v) {
     RayGeometry g;
     const double pu = (double)u, pv = (double)v;
     const double cx = cam[9] * pu + cam[10] * pv + cam[11];
@@ -408,7 +382,7 @@ __device__ __forceinline__ RayGeometry ray_geometry(const Params& p, const doubl
     g.d2 = (cam[6] * pu + cam[7] * pv + cam[8]) / nrm;
     g.s0 = cam[14], g.s1 = cam[15], g.s2 = cam[16];
     const double t_det = cam[17] * nrm;
-    const double INF = __longlong_as_double(0x7ff0000000000000LL);
+    const double INF = inf64();
     double t_near = -INF, t_far = INF;
     slab(g.s0, g.d0, p.nI, t_near, t_far);
     slab(g.s1, g.d1, p.nJ, t_near, t_far);
@@ -428,7 +402,7 @@ __device__ __forceinline__ int dominant_axis(double d0, double d1, double d2) {
 
 // Ray set-up in float64 (reference: camera_rays_ijk, clip_rays_to_box and the two methods' sample points).
 template <int METHOD>
-__device__ __forceinline__ Ray setup_ray(const Params& p, const double* cam, const u32* info, int u, int v) {
+__device__ __forceinline__ Ray setup_ray(const DrrParams& p, const double* cam, const u32* info, int u, int v) {
     Ray r;
     r.ns = 0;
     r.flags = 0;
@@ -484,7 +458,7 @@ __device__ __forceinline__ Ray setup_ray(const Params& p, const double* cam, con
 
 // Accumulate a ray's samples into acc[0..MAXM) (densities, before the h/10 weight).
 template <int C, int NT, int EXACT, int METHOD>
-__device__ __forceinline__ void march_ray(const Params& p, const Ray& r, float* acc) {
+__device__ __forceinline__ void march_ray(const DrrParams& p, const Ray& r, float* acc) {
     if (r.ns <= 0) return;
     const int a = r.flags & 3;
     if (METHOD == METHOD_TRILINEAR) {
@@ -514,21 +488,14 @@ __device__ __forceinline__ void march_ray(const Params& p, const Ray& r, float* 
 
 // Fused: set-up, march and (FUSED) detector/noise/output in one kernel; !FUSED writes line integrals.
 template <int C, int NT, int METHOD, int EXACT, bool FUSED>
-__device__ __forceinline__ void drr_body(const Params& p) {
+__device__ __forceinline__ void drr_body(const DrrParams& p) {
     constexpr int MAXM = (NT == 1) ? C : 8;
     extern __shared__ float sh[];
-    const int u = blockIdx.x * blockDim.x + threadIdx.x;
-    const int v = blockIdx.y * blockDim.y + threadIdx.y;
-    const int b = blockIdx.z;
-    const u32* info = reinterpret_cast<const u32*>(p.info) + INFO_STRIDE * b;
-    if (FUSED) {  // this image's spectrum tables -> shared memory
-        const float* tb = reinterpret_cast<const float*>(p.tables) + (size_t)info[0] * p.tstride;
-        const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-        for (int i = tid; i < p.tstride; i += blockDim.x * blockDim.y) sh[i] = tb[i];
-        __syncthreads();
-    }
-    if (u >= p.W || v >= p.H) return;
-    const double* cam = reinterpret_cast<const double*>(p.cams) + CAM_STRIDE * b;
+    THREAD_PIXEL(u, v, b);
+    const u32* info = IMAGE_INFO(p, b);
+    if (FUSED) LOAD_TABLES(p, info, sh);  // this image's spectrum tables -> shared memory
+    if (off_detector(u, v, p.W, p.H)) return;
+    const double* cam = IMAGE_CAMERA(p, b);
     const Ray r = setup_ray<METHOD>(p, cam, info, u, v);
     float acc[8];
 #pragma unroll
@@ -550,7 +517,7 @@ __device__ __forceinline__ void drr_body(const Params& p) {
 }
 
 #define DRR_KERNEL(name, C, NT, METHOD, EXACT, FUSED)                                    \
-    extern "C" __global__ void __launch_bounds__(256, DRR_MIN_BLOCKS) name(const Params p) { \
+    extern "C" __global__ void __launch_bounds__(256, DRR_MIN_BLOCKS) name(const DrrParams p) { \
         drr_body<C, NT, METHOD, EXACT, FUSED>(p);                                             \
     }
 
@@ -571,13 +538,11 @@ DRR_KERNELS(4, 2)
 #define RAY_WORDS 12  // a Ray record: 3 x float4 per pixel, [image][row][column]
 
 template <int METHOD>
-__device__ __forceinline__ void rays_body(const Params& p) {
-    const int u = blockIdx.x * blockDim.x + threadIdx.x;
-    const int v = blockIdx.y * blockDim.y + threadIdx.y;
-    const int b = blockIdx.z;
-    if (u >= p.W || v >= p.H) return;
-    const u32* info = reinterpret_cast<const u32*>(p.info) + INFO_STRIDE * b;
-    const double* cam = reinterpret_cast<const double*>(p.cams) + CAM_STRIDE * b;
+__device__ __forceinline__ void rays_body(const DrrParams& p) {
+    THREAD_PIXEL(u, v, b);
+    if (off_detector(u, v, p.W, p.H)) return;
+    const u32* info = IMAGE_INFO(p, b);
+    const double* cam = IMAGE_CAMERA(p, b);
     const Ray r = setup_ray<METHOD>(p, cam, info, u, v);
     float4* rec = reinterpret_cast<float4*>(p.rays) + 3 * (((size_t)b * p.H + v) * p.W + u);
     rec[0] = make_float4(__int_as_float(r.ns), __int_as_float(r.flags), __int_as_float(r.c0), r.h);
@@ -585,18 +550,16 @@ __device__ __forceinline__ void rays_body(const Params& p) {
     rec[2] = make_float4(r.g0, r.g1, r.g2, 0.0f);
 }
 
-extern "C" __global__ void __launch_bounds__(256) drr_rays_joseph(const Params p) { rays_body<METHOD_JOSEPH>(p); }
-extern "C" __global__ void __launch_bounds__(256) drr_rays_trilinear(const Params p) {
+extern "C" __global__ void __launch_bounds__(256) drr_rays_joseph(const DrrParams p) { rays_body<METHOD_JOSEPH>(p); }
+extern "C" __global__ void __launch_bounds__(256) drr_rays_trilinear(const DrrParams p) {
     rays_body<METHOD_TRILINEAR>(p);
 }
 
 template <int C, int NT, int EXACT, int METHOD>
-__device__ __forceinline__ void march_body(const Params& p) {
+__device__ __forceinline__ void march_body(const DrrParams& p) {
     constexpr int MAXM = (NT == 1) ? C : 8;
-    const int u = blockIdx.x * blockDim.x + threadIdx.x;
-    const int v = blockIdx.y * blockDim.y + threadIdx.y;
-    const int b = blockIdx.z;
-    if (u >= p.W || v >= p.H) return;
+    THREAD_PIXEL(u, v, b);
+    if (off_detector(u, v, p.W, p.H)) return;
     const size_t pix = (size_t)v * p.W + u;
     const float4* rec = reinterpret_cast<const float4*>(p.rays) + 3 * ((size_t)b * p.H * p.W + pix);
     const float4 r0 = rec[0], r1 = rec[1], r2 = rec[2];
@@ -630,10 +593,10 @@ __device__ __forceinline__ void march_body(const Params& p) {
 
 // drr_march_<method>_c<C>_t<NT>_<hw|exact>: line integrals (B, M, H, W) from Ray records.
 #define MARCH_KERNEL(M, METHOD, C, NT, MINB)                                                         \
-    extern "C" __global__ void __launch_bounds__(256, MINB) drr_march_##M##_c##C##_t##NT##_hw(const Params p) { \
+    extern "C" __global__ void __launch_bounds__(256, MINB) drr_march_##M##_c##C##_t##NT##_hw(const DrrParams p) { \
         march_body<C, NT, 0, METHOD>(p);                                                                 \
     }                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) drr_march_##M##_c##C##_t##NT##_exact(const Params p) {   \
+    extern "C" __global__ void __launch_bounds__(256) drr_march_##M##_c##C##_t##NT##_exact(const DrrParams p) {   \
         march_body<C, NT, 1, METHOD>(p);                                                                 \
     }
 
@@ -651,18 +614,13 @@ MARCH_KERNEL(trilinear, METHOD_TRILINEAR, 4, 2, 1)
 
 // Last pass of the split pipeline: line integrals (p.lint, (B, M, H, W) float32) -> output images.
 template <int MAXM>
-__device__ __forceinline__ void finish_body(const Params& p) {
+__device__ __forceinline__ void finish_body(const DrrParams& p) {
     extern __shared__ float sh[];
-    const int u = blockIdx.x * blockDim.x + threadIdx.x;
-    const int v = blockIdx.y * blockDim.y + threadIdx.y;
-    const int b = blockIdx.z;
-    const u32* info = reinterpret_cast<const u32*>(p.info) + INFO_STRIDE * b;
-    const float* tb = reinterpret_cast<const float*>(p.tables) + (size_t)info[0] * p.tstride;
-    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-    for (int i = tid; i < p.tstride; i += blockDim.x * blockDim.y) sh[i] = tb[i];
-    __syncthreads();
-    if (u >= p.W || v >= p.H) return;
-    const double* cam = reinterpret_cast<const double*>(p.cams) + CAM_STRIDE * b;
+    THREAD_PIXEL(u, v, b);
+    const u32* info = IMAGE_INFO(p, b);
+    LOAD_TABLES(p, info, sh);
+    if (off_detector(u, v, p.W, p.H)) return;
+    const double* cam = IMAGE_CAMERA(p, b);
     const float* li = reinterpret_cast<const float*>(p.lint);
     const size_t pix = (size_t)v * p.W + u;
     float A[MAXM];
@@ -671,8 +629,8 @@ __device__ __forceinline__ void finish_body(const Params& p) {
     finish_pixel<MAXM>(p, sh, cam, info, u, v, b, A);
 }
 
-extern "C" __global__ void __launch_bounds__(256) drr_finish_m4(const Params p) { finish_body<4>(p); }
-extern "C" __global__ void __launch_bounds__(256) drr_finish_m8(const Params p) { finish_body<8>(p); }
+extern "C" __global__ void __launch_bounds__(256) drr_finish_m4(const DrrParams p) { finish_body<4>(p); }
+extern "C" __global__ void __launch_bounds__(256) drr_finish_m8(const DrrParams p) { finish_body<8>(p); }
 
 // ------------------------------------------------------------------------------------- meshes
 
@@ -688,15 +646,13 @@ extern "C" __global__ void __launch_bounds__(256) drr_finish_m8(const Params p) 
 // fetches) and subtracted. Output ``out`` (B, M_out, H, W): max(ct - inside, 0) for the CT's M channels,
 // 0 for the mesh materials the CT lacks (mesh.cu's mesh_add_chords adds every mesh afterwards).
 template <int C, int NT, int EXACT, int METHOD>
-__device__ __forceinline__ void mesh_ct_body(const Params& p, const float* __restrict__ ct,
+__device__ __forceinline__ void mesh_ct_body(const DrrParams& p, const float* __restrict__ ct,
                                              const double2* __restrict__ intervals,
                                              const int* __restrict__ n_intervals, float* __restrict__ out,
                                              int kmax, int M_out) {
     constexpr int MAXM = (NT == 1) ? C : 8;
-    const int u = blockIdx.x * blockDim.x + threadIdx.x;
-    const int v = blockIdx.y * blockDim.y + threadIdx.y;
-    const int b = blockIdx.z;
-    if (u >= p.W || v >= p.H) return;
+    THREAD_PIXEL(u, v, b);
+    if (off_detector(u, v, p.W, p.H)) return;
     const size_t HW = (size_t)p.H * p.W;
     const size_t pix = (size_t)v * p.W + u;
     float inside[8];
@@ -705,8 +661,8 @@ __device__ __forceinline__ void mesh_ct_body(const Params& p, const float* __res
     float h = 0.0f;
     const int ni = n_intervals ? n_intervals[(size_t)b * HW + pix] : 0;
     if (ni > 0) {
-        const u32* info = reinterpret_cast<const u32*>(p.info) + INFO_STRIDE * b;
-        const double* cam = reinterpret_cast<const double*>(p.cams) + CAM_STRIDE * b;
+        const u32* info = IMAGE_INFO(p, b);
+        const double* cam = IMAGE_CAMERA(p, b);
         const Ray r = setup_ray<METHOD>(p, cam, info, u, v);
         h = r.h;
         const RayGeometry geo = ray_geometry(p, cam, u, v);
@@ -754,7 +710,7 @@ __device__ __forceinline__ void mesh_ct_body(const Params& p, const float* __res
 // drr_mesh_ct_<method>_c<C>_t<NT>_<hw|exact>: the CT minus what replacing meshes remove, widened to M_out.
 #define MESH_CT_KERNEL(M, METHOD, C, NT, EXACT, F)                                                            \
     extern "C" __global__ void __launch_bounds__(256) drr_mesh_ct_##M##_c##C##_t##NT##_##F(                    \
-        const Params p, const float* ct, const double2* intervals, const int* n_intervals, float* out, int kmax, \
+        const DrrParams p, const float* ct, const double2* intervals, const int* n_intervals, float* out, int kmax, \
         int M_out) {                                                                                             \
         mesh_ct_body<C, NT, EXACT, METHOD>(p, ct, intervals, n_intervals, out, kmax, M_out);                    \
     }
@@ -797,7 +753,7 @@ extern "C" __global__ void drr_minmax_init(u32* minmax, int B) {
 }
 
 // DeepDRR's neglog: x = -log(I + min I + eps), min-max rescaled to [0, 1] per image (constant -> 0).
-extern "C" __global__ void drr_neglog_finish(const Params p) {
+extern "C" __global__ void drr_neglog_finish(const DrrParams p) {
     const size_t hw = (size_t)p.H * p.W;
     const size_t total = hw * p.B;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;

@@ -17,37 +17,16 @@
 //               GPU's skip decisions are the CPU reference's).
 //   overflow    u32[2]: rays whose hit list (MESH_MAX_HITS per mesh) or union (kmax) overflowed
 //               (the result of such a ray is incomplete: fall back to the CPU reference for it).
-// No CUDA headers, no curand.  Scene layout: drrfarm.render.mesh_reference.pack_scene / pack_poses /
-// pack_cameras.
+// No CUDA headers, no curand; shared definitions in drrfarm/gpu/kernels/shared.cuh and params.cuh.
+// Scene layout: drrfarm.render.mesh_reference.pack_scene / pack_poses / pack_cameras.
 
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "params.cuh"  // MeshParams, MESH_CAM_STRIDE, MESH_POSE_STRIDE, MESH_MAX_HITS, MESH_KMAX_LOCAL
 
-#define MCAM_STRIDE 16   // per image: R^T K^-1 (9, row-major), source (3), sdd_mm, 3 unused
-#define POSE_STRIDE 12   // per (image, mesh): mesh_from_world, 3x4 row-major
-#define MESH_MAX_HITS 64
 #define MESH_STACK 64
-#define MESH_KMAX_LOCAL 16
 
 #define EPS_BARY 1e-9
 #define DET_TOL 1e-15
 #define CLUSTER_REL 1e-9
-
-struct MeshParams {
-    u64 cams;         // const double* (B, MCAM_STRIDE)
-    u64 poses;        // const double* (B, NM, POSE_STRIDE)
-    u64 nodes;        // const float4* (N_total, 2): (lo.xyz, index bits), (hi.xyz, count bits)
-    u64 tris;         // const double* (F_total, 9): v0, e1, e2
-    u64 meshes;       // const int4* (NM): node offset, slot offset, mode (0 add, 1 replace), channel
-    u64 density;      // const float* (NM)
-    u64 chords;       // float* (B, NM, H, W) or 0
-    u64 lint;         // float* (B, M, H, W) or 0
-    u64 intervals;    // double2* (B, H, W, kmax) or 0
-    u64 n_intervals;  // int* (B, H, W) or 0
-    u64 overflow;     // u32* [2] or 0
-    int H, W, B, NM;
-    int M, kmax, pad0, pad1;
-};
 
 struct Vec3 {
     double x, y, z;
@@ -121,15 +100,13 @@ __device__ __forceinline__ bool union_insert(double* ua, double* ub, int& nu, do
 }
 
 extern "C" __global__ void __launch_bounds__(128) mesh_trace(const MeshParams p) {
-    const int u = blockIdx.x * blockDim.x + threadIdx.x;
-    const int v = blockIdx.y * blockDim.y + threadIdx.y;
-    const int b = blockIdx.z;
-    if (u >= p.W || v >= p.H) return;
+    THREAD_PIXEL(u, v, b);
+    if (off_detector(u, v, p.W, p.H)) return;
     const size_t HW = (size_t)p.H * p.W;
     const size_t pix = (size_t)v * p.W + u;
 
     // ---- the reference's ray (geometry.Camera.pixel_rays_world, detector_distance_along_ray)
-    const double* cam = reinterpret_cast<const double*>(p.cams) + MCAM_STRIDE * b;
+    const double* cam = reinterpret_cast<const double*>(p.cams) + MESH_CAM_STRIDE * b;
     const double pu = (double)u, pv = (double)v;
     const double cx = cam[0] * pu + cam[1] * pv + cam[2];
     const double cy = cam[3] * pu + cam[4] * pv + cam[5];
@@ -153,7 +130,7 @@ extern "C" __global__ void __launch_bounds__(128) mesh_trace(const MeshParams p)
 
     for (int mi = 0; mi < p.NM; ++mi) {
         const int4 md = meshes[mi];
-        const double* P = reinterpret_cast<const double*>(p.poses) + ((size_t)b * p.NM + mi) * POSE_STRIDE;
+        const double* P = reinterpret_cast<const double*>(p.poses) + ((size_t)b * p.NM + mi) * MESH_POSE_STRIDE;
         const Vec3 o = v3(P[0] * sw.x + P[1] * sw.y + P[2] * sw.z + P[3], P[4] * sw.x + P[5] * sw.y + P[6] * sw.z + P[7],
                           P[8] * sw.x + P[9] * sw.y + P[10] * sw.z + P[11]);
         const Vec3 d = v3(P[0] * dw.x + P[1] * dw.y + P[2] * dw.z, P[4] * dw.x + P[5] * dw.y + P[6] * dw.z,
@@ -168,8 +145,8 @@ extern "C" __global__ void __launch_bounds__(128) mesh_trace(const MeshParams p)
         while (true) {
             const float4 a = nodes[2 * (size_t)(md.x + node)];
             const float4 c = nodes[2 * (size_t)(md.x + node) + 1];
-            double near = -__longlong_as_double(0x7ff0000000000000LL);
-            double far = __longlong_as_double(0x7ff0000000000000LL);
+            double near = -inf64();
+            double far = inf64();
             slab_axis((double)a.x, (double)c.x, o.x, inv.x, near, far);
             slab_axis((double)a.y, (double)c.y, o.y, inv.y, near, far);
             slab_axis((double)a.z, (double)c.z, o.z, inv.z, near, far);
@@ -284,10 +261,8 @@ extern "C" __global__ void __launch_bounds__(128) mesh_trace(const MeshParams p)
 extern "C" __global__ void mesh_count_skipped(const MeshParams p, const double* __restrict__ t0,
                                               const double* __restrict__ h, const int* __restrict__ n,
                                               int* __restrict__ out) {
-    const int u = blockIdx.x * blockDim.x + threadIdx.x;
-    const int v = blockIdx.y * blockDim.y + threadIdx.y;
-    const int b = blockIdx.z;
-    if (u >= p.W || v >= p.H) return;
+    THREAD_PIXEL(u, v, b);
+    if (off_detector(u, v, p.W, p.H)) return;
     const size_t i = ((size_t)b * p.H + v) * p.W + u;
     const double2* iv = reinterpret_cast<const double2*>(p.intervals) + i * p.kmax;
     const int ni = reinterpret_cast<const int*>(p.n_intervals)[i];
@@ -304,10 +279,8 @@ extern "C" __global__ void mesh_count_skipped(const MeshParams p, const double* 
 // after a CT march that *writes* the line-integral buffer (split pipeline: mesh_trace with chords and
 // intervals -> march skipping the intervals -> mesh_add_chords -> finish).
 extern "C" __global__ void mesh_add_chords(const MeshParams p) {
-    const int u = blockIdx.x * blockDim.x + threadIdx.x;
-    const int v = blockIdx.y * blockDim.y + threadIdx.y;
-    const int b = blockIdx.z;
-    if (u >= p.W || v >= p.H) return;
+    THREAD_PIXEL(u, v, b);
+    if (off_detector(u, v, p.W, p.H)) return;
     const size_t HW = (size_t)p.H * p.W;
     const size_t pix = (size_t)v * p.W + u;
     const int4* meshes = reinterpret_cast<const int4*>(p.meshes);

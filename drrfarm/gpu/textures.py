@@ -4,7 +4,7 @@ pycuda (2026.1) wraps only texture references, which device code built by CUDA 1
 use, and it does not expose a pycuda ``Array``'s ``CUarray`` handle. So layered half-float arrays,
 their uploads and the texture objects over them are made here with ``ctypes`` on ``libcuda.so.1``
 (the driver every CUDA machine has). Every call runs in the caller's current context (the device's
-primary context, pushed by :mod:`drrfarm.render.cuda`). Struct layouts follow ``cuda.h`` (checked
+primary context, pushed by :mod:`drrfarm.gpu.device`). Struct layouts follow ``cuda.h`` (checked
 by ``tests/test_kernels_compile.py`` against the local header when nvcc is present).
 """
 

@@ -1,13 +1,17 @@
 """Build the CUDA kernels once and cache the machine code on disk.
 
+The package's kernels (:data:`KERNELS`): ``drr.cu`` and ``mesh.cu`` (``drrfarm/render/kernels/``),
+``scatter.cu`` (``drrfarm/scatter/``); they include the shared headers of ``drrfarm/gpu/kernels/``
+(:data:`INCLUDE_DIR`). A kernel's **key** hashes its source, every header it includes (recursively)
+and its defines, so a change to any of them makes a new key.
+
 A kernel image is found, in this order:
 
-1. the **disk cache**: ``<cache>/cubin/<name>-<arch>-<key>-<compiler>.cubin`` where ``key`` hashes the
-   source and its defines; ``<cache>`` is ``$DRRFARM_CACHE`` or ``~/.cache/drrfarm``;
-2. a **prebuilt fat binary** shipped in the package
-   (``drrfarm/render/kernels/prebuilt/<name>-<srchash>.fatbin``, made by
-   ``python -m drrfarm.render.cuda_build --fatbin``: sm_80, sm_86, sm_89, sm_90 machine code plus
-   compute_90 PTX that newer GPUs JIT-compile), used only when its source hash matches;
+1. the **disk cache**: ``<cache>/cubin/<name>-<arch>-<key>-<compiler>.cubin``; ``<cache>`` is
+   ``$DRRFARM_CACHE`` or ``~/.cache/drrfarm``;
+2. a **prebuilt fat binary** shipped in the package (``drrfarm/gpu/prebuilt/<name>-<key>.fatbin``,
+   made by ``python -m drrfarm.gpu.build --fatbin``: sm_80, sm_86, sm_89, sm_90 machine code plus
+   compute_90 PTX that newer GPUs JIT-compile), used only when its key matches;
 3. **nvcc** (``$CUDACXX``, ``$CUDA_HOME/bin/nvcc``, ``nvcc`` on PATH): ``nvcc -cubin -arch=sm_XY``;
 4. **NVRTC** through ``ctypes`` (``libnvrtc.so`` of a CUDA toolkit or of the ``nvidia-cuda-nvrtc`` wheel
    that PyTorch installs): the same source compiled in-process, no nvcc needed.
@@ -25,6 +29,7 @@ import ctypes.util
 import glob
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,10 +38,21 @@ from pathlib import Path
 
 from drrfarm.errors import BackendError
 
-KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-PREBUILT_DIR = KERNEL_DIR / "prebuilt"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+#: The package's kernel sources by name.
+KERNELS = {
+    "drr.cu": PACKAGE_DIR / "render" / "kernels" / "drr.cu",
+    "mesh.cu": PACKAGE_DIR / "render" / "kernels" / "mesh.cu",
+    "scatter.cu": PACKAGE_DIR / "scatter" / "scatter.cu",
+}
+#: The shared headers (``shared.cuh``, ``params.cuh``), on every kernel's include path.
+INCLUDE_DIR = Path(__file__).resolve().parent / "kernels"
+PREBUILT_DIR = Path(__file__).resolve().parent / "prebuilt"
+#: The kernels shipped as prebuilt fat binaries.
+PREBUILT_KERNELS = ("drr.cu",)
 NVCC_FLAGS = ("-O3", "-std=c++17")
 FATBIN_ARCHS = (80, 86, 89, 90)
+_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
 
 def cache_root() -> Path:
@@ -49,21 +65,60 @@ def cubin_cache_dir() -> Path:
     return cache_root() / "cubin"
 
 
-def kernel_source(name: str = "drr.cu") -> str:
-    path = KERNEL_DIR / name
+def kernel_path(kernel: str | Path) -> Path:
+    """The source file of ``kernel``: a name of :data:`KERNELS` or a path."""
+    return KERNELS[kernel] if isinstance(kernel, str) and kernel in KERNELS else Path(kernel)
+
+
+def kernel_source(kernel: str | Path = "drr.cu") -> str:
+    path = kernel_path(kernel)
     try:
         return path.read_text()
     except OSError as exc:
         raise BackendError(f"backend 'cuda': kernel source {path} is missing ({exc})") from exc
 
 
+def include_dirs(kernel: str | Path) -> list[Path]:
+    """Where ``#include "..."`` of ``kernel`` is looked up: its own folder, then :data:`INCLUDE_DIR`."""
+    return [kernel_path(kernel).resolve().parent, INCLUDE_DIR]
+
+
+def kernel_files(kernel: str | Path) -> list[Path]:
+    """``kernel``'s source and every header it includes with ``#include "..."`` (recursively, each once,
+    in the order first included)."""
+    dirs = include_dirs(kernel)
+    files: list[Path] = []
+
+    def visit(path: Path) -> None:
+        if path in files:
+            return
+        files.append(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise BackendError(f"backend 'cuda': kernel source {path} is missing ({exc})") from exc
+        for name in _INCLUDE.findall(text):
+            found = next((d / name for d in [path.parent, *dirs] if (d / name).is_file()), None)
+            if found is None:
+                raise BackendError(f"backend 'cuda': {path.name} includes {name!r}, found in none of "
+                                   f"{[str(d) for d in dirs]}")
+            visit(found.resolve())
+
+    visit(kernel_path(kernel).resolve())
+    return files
+
+
 def _define_flags(defines: dict[str, int | str] | None) -> list[str]:
     return [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
 
 
-def source_hash(source: str, defines: dict[str, int | str] | None = None) -> str:
-    """Hash of the kernel source and its defines (the prebuilt fat binary's key)."""
-    h = hashlib.sha256(source.encode())
+def source_hash(kernel: str | Path, defines: dict[str, int | str] | None = None) -> str:
+    """The key of ``kernel``: a hash of its source, every header it includes and its defines."""
+    h = hashlib.sha256()
+    for path in kernel_files(kernel):
+        h.update(f"{path.name}\0".encode())
+        h.update(path.read_bytes())
+        h.update(b"\0")
     h.update("|".join(_define_flags(defines)).encode())
     return h.hexdigest()[:16]
 
@@ -94,7 +149,7 @@ def nvcc_compile(source_path: Path, arch: str, defines: dict[str, int | str] | N
         raise BackendError("backend 'cuda': nvcc not found (set CUDACXX or CUDA_HOME)")
     with tempfile.TemporaryDirectory(prefix="drrfarm-nvcc-") as tmp:
         out = Path(out_path) if out_path else Path(tmp) / "kernel.bin"
-        cmd = [nvcc, *NVCC_FLAGS, *_define_flags(defines)]
+        cmd = [nvcc, *NVCC_FLAGS, *(f"-I{d}" for d in include_dirs(source_path)), *_define_flags(defines)]
         if fatbin_archs:
             cmd.append("-fatbin")
             for a in fatbin_archs:
@@ -142,8 +197,9 @@ def find_nvrtc() -> str | None:
 
 
 def nvrtc_compile(source: str, arch: str, defines: dict[str, int | str] | None = None,
-                  lib_path: str | None = None) -> bytes:
-    """Compile ``source`` to a cubin for ``arch`` with NVRTC (no nvcc needed)."""
+                  lib_path: str | None = None, kernel: str | Path = "drr.cu") -> bytes:
+    """Compile ``source`` (the text of ``kernel``) to a cubin for ``arch`` with NVRTC (no nvcc needed);
+    its headers come from :func:`include_dirs`."""
     path = lib_path or find_nvrtc()
     if not path:
         raise BackendError("backend 'cuda': neither nvcc nor libnvrtc found to compile the kernels")
@@ -155,9 +211,11 @@ def nvrtc_compile(source: str, arch: str, defines: dict[str, int | str] | None =
             lib.nvrtcGetErrorString.restype = ctypes.c_char_p
             raise BackendError(f"backend 'cuda': NVRTC {what} failed: {lib.nvrtcGetErrorString(status).decode()}")
 
-    ok(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"drr.cu", 0, None, None), "create")
+    name = kernel_path(kernel).name.encode()
+    ok(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name, 0, None, None), "create")
     try:
-        opts = [f"--gpu-architecture={arch}", "-default-device", "-std=c++17", *_define_flags(defines)]
+        opts = [f"--gpu-architecture={arch}", "-default-device", "-std=c++17",
+                *(f"--include-path={d}" for d in include_dirs(kernel)), *_define_flags(defines)]
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         status = lib.nvrtcCompileProgram(prog, len(opts), arr)
         if status != 0:
@@ -191,13 +249,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def prebuilt_path(name: str, source: str, defines: dict[str, int | str] | None = None) -> Path:
-    return PREBUILT_DIR / f"{Path(name).stem}-{source_hash(source, defines)}.fatbin"
+def prebuilt_path(name: str | Path, defines: dict[str, int | str] | None = None) -> Path:
+    """Where the prebuilt fat binary of kernel ``name`` with ``defines`` is (or would be)."""
+    return PREBUILT_DIR / f"{kernel_path(name).stem}-{source_hash(name, defines)}.fatbin"
 
 
-def load_kernel_image(name: str, arch: str, defines: dict[str, int | str] | None = None,
+def load_kernel_image(name: str | Path, arch: str, defines: dict[str, int | str] | None = None,
                       order: tuple[str, ...] | None = None) -> tuple[bytes, str]:
-    """Machine code for kernel file ``name`` on ``arch`` (``"sm_90"``): ``(image bytes, how)``.
+    """Machine code for kernel ``name`` (of :data:`KERNELS`, or a path) on ``arch`` (``"sm_90"``):
+    ``(image bytes, how)``.
 
     ``how`` is one of ``cache``, ``prebuilt``, ``nvcc``, ``nvrtc``. ``order`` (default from
     ``$DRRFARM_KERNEL_BUILD`` as a comma list, else all four) restricts and orders the sources.
@@ -206,29 +266,30 @@ def load_kernel_image(name: str, arch: str, defines: dict[str, int | str] | None
     if order is None:
         env = os.environ.get("DRRFARM_KERNEL_BUILD")
         order = tuple(s.strip() for s in env.split(",")) if env else ("cache", "prebuilt", "nvcc", "nvrtc")
-    skey = source_hash(source, defines)
+    skey = source_hash(name, defines)
+    stem = kernel_path(name).stem
     errors: list[str] = []
     for how in order:
         try:
             if how == "cache":
-                for path in sorted(cubin_cache_dir().glob(f"{Path(name).stem}-{arch}-{skey}-*.cubin")):
+                for path in sorted(cubin_cache_dir().glob(f"{stem}-{arch}-{skey}-*.cubin")):
                     return path.read_bytes(), "cache"
             elif how == "prebuilt":
-                path = prebuilt_path(name, source, defines)
+                path = prebuilt_path(name, defines)
                 if path.is_file():
                     return path.read_bytes(), "prebuilt"
             elif how == "nvcc":
                 nvcc = find_nvcc()
                 if nvcc:
-                    image = nvcc_compile(KERNEL_DIR / name, arch, defines, nvcc=nvcc)
+                    image = nvcc_compile(kernel_path(name), arch, defines, nvcc=nvcc)
                     tag = hashlib.sha256(_nvcc_version(nvcc).encode()).hexdigest()[:8]
-                    _store(name, arch, skey, f"nvcc{tag}", image)
+                    _store(stem, arch, skey, f"nvcc{tag}", image)
                     return image, "nvcc"
             elif how == "nvrtc":
                 lib = find_nvrtc()
                 if lib:
-                    image = nvrtc_compile(source, arch, defines, lib)
-                    _store(name, arch, skey, "nvrtc", image)
+                    image = nvrtc_compile(source, arch, defines, lib, kernel=name)
+                    _store(stem, arch, skey, "nvrtc", image)
                     return image, "nvrtc"
             else:
                 raise BackendError(f"unknown kernel source {how!r}")
@@ -238,19 +299,18 @@ def load_kernel_image(name: str, arch: str, defines: dict[str, int | str] | None
     raise BackendError(f"backend 'cuda': cannot get machine code for {name} on {arch}: {detail}")
 
 
-def _store(name: str, arch: str, skey: str, tag: str, image: bytes) -> None:
+def _store(stem: str, arch: str, skey: str, tag: str, image: bytes) -> None:
     # a read-only cache is not an error: the image is used from memory
     with contextlib.suppress(OSError):
-        _atomic_write(cubin_cache_dir() / f"{Path(name).stem}-{arch}-{skey}-{tag}.cubin", image)
+        _atomic_write(cubin_cache_dir() / f"{stem}-{arch}-{skey}-{tag}.cubin", image)
 
 
 def build_prebuilt(name: str = "drr.cu", archs: tuple[int, ...] = FATBIN_ARCHS,
                    defines: dict[str, int | str] | None = None) -> Path:
-    """Write the package's prebuilt fat binary for ``name`` (needs nvcc)."""
-    source = kernel_source(name)
-    out = prebuilt_path(name, source, defines)
-    image = nvcc_compile(KERNEL_DIR / name, f"sm_{max(archs)}", defines, fatbin_archs=archs)
-    for old in PREBUILT_DIR.glob(f"{Path(name).stem}-*.fatbin"):
+    """Write the package's prebuilt fat binary for kernel ``name`` (needs nvcc)."""
+    out = prebuilt_path(name, defines)
+    image = nvcc_compile(kernel_path(name), f"sm_{max(archs)}", defines, fatbin_archs=archs)
+    for old in PREBUILT_DIR.glob(f"{kernel_path(name).stem}-*.fatbin"):
         old.unlink()
     _atomic_write(out, image)
     return out
@@ -264,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="sm_90", help="compile one cubin into the disk cache")
     args = ap.parse_args(argv)
     if args.fatbin:
-        print(build_prebuilt())
+        for name in PREBUILT_KERNELS:
+            print(build_prebuilt(name))
     else:
         _, how = load_kernel_image("drr.cu", args.arch)
         print(f"drr.cu for {args.arch}: {how}")

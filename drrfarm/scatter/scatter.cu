@@ -11,57 +11,16 @@
 // counts (unnormalised sums of weights; the host divides by the open-field photons per bin).
 // Energy book (img, 4) = emitted, deposited, escaped, detected (double atomics, one per thread);
 // interaction counts (img, 3) = photoelectric, Compton, Rayleigh.
-// No CUDA headers, no curand.
+// No CUDA headers, no curand; shared definitions in drrfarm/gpu/kernels/shared.cuh and params.cuh.
 
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "params.cuh"  // ScatterParams, SCATTER_CAM_STRIDE; shared.cuh: Philox4x32-10, open_uniform
 
 #define SCATTER_PURPOSE 0x5CA77E12u
 #define MAX_TRIALS 1000
-#define CAM_STRIDE 32  // per image: R (9), t (3), K row 0 (3), K row 1 (3), sdd, M = R^T K^-1 (9), source (3), pad
 #define HC_KEV_ANGSTROM 12.398419843320026
 #define ELECTRON_REST_ENERGY_KEV 510.99895
 #define TWO_PI 6.283185307179586
-#define INV_2_32 2.3283064365386963e-10
 #define DETECTOR_TOL_MM 1e-3  // photons this far past the detector plane (round-off) still hit it
-
-struct ScatterParams {
-    u64 dens;          // const float* (I, J, K, M) g/cm3
-    u64 mu;            // const double* (M, 3, NE) cm2/g: photoelectric, Compton, Rayleigh
-    u64 majorant;      // const double* (NE) 1/mm
-    u64 compton_s;     // const double* (M, NX) S(x)/Z
-    u64 rayleigh_cdf;  // const double* (M, NX) integral of F^2 d(x^2)
-    u64 eta;           // const double* (NE) detector absorption probability
-    u64 spec_kev;      // const double* (NB)
-    u64 spec_cdf;      // const double* (NB)
-    u64 cams;          // const double* (n_img, CAM_STRIDE)
-    u64 keys;          // const u32* (n_img, 4): seed lo, seed hi, image word, unused
-    u64 tally;         // float* (n_img, 4, Ht, Wt)
-    u64 energy;        // double* (n_img, 4)
-    u64 interactions;  // u64* (n_img, 3)
-    u64 pad_ptr;
-    double ijk_from_world[12];  // 3x4 row-major
-    double e0, de, x_step, signal_norm, count_norm, pad_d;
-    long long photons;          // per image
-    int I, J, K, M;
-    int NE, NX, NB, H;
-    int W, Ht, Wt, solid_angle;
-    int signal_per_photon, n_img, pad_i0, pad_i1;
-};
-
-__device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
-#pragma unroll
-    for (int r = 0; r < 10; ++r) {
-        const u32 lo0 = 0xD2511F53u * c.x;
-        const u32 hi0 = __umulhi(0xD2511F53u, c.x);
-        const u32 lo1 = 0xCD9E8D57u * c.z;
-        const u32 hi1 = __umulhi(0xCD9E8D57u, c.z);
-        c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
-        k.x += 0x9E3779B9u;
-        k.y += 0xBB67AE85u;
-    }
-    return c;
-}
 
 struct Block4 {
     double u0, u1, u2, u3;
@@ -72,10 +31,10 @@ __device__ __forceinline__ Block4 draw_block(u64 photon, u32& draw, uint2 key, u
     const uint4 w = philox4x32_10(make_uint4((u32)photon, draw, SCATTER_PURPOSE, image), key);
     draw += 1u;
     Block4 b;
-    b.u0 = ((double)w.x + 0.5) * INV_2_32;
-    b.u1 = ((double)w.y + 0.5) * INV_2_32;
-    b.u2 = ((double)w.z + 0.5) * INV_2_32;
-    b.u3 = ((double)w.w + 0.5) * INV_2_32;
+    b.u0 = open_uniform(w.x);
+    b.u1 = open_uniform(w.y);
+    b.u2 = open_uniform(w.z);
+    b.u3 = open_uniform(w.w);
     return b;
 }
 
@@ -249,7 +208,7 @@ __device__ double sample_rayleigh(double e, int m, u64 photon, u32& draw, uint2 
 
 extern "C" __global__ void scatter_mc(const ScatterParams p) {
     const int img = blockIdx.y;
-    const double* cam = reinterpret_cast<const double*>(p.cams) + (size_t)img * CAM_STRIDE;
+    const double* cam = reinterpret_cast<const double*>(p.cams) + (size_t)img * SCATTER_CAM_STRIDE;
     const u32* kw = reinterpret_cast<const u32*>(p.keys) + 4 * img;
     const uint2 key = make_uint2(kw[0], kw[1]);
     const u32 image = kw[2];
