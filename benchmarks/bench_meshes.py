@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from drrfarm.render.cuda import CudaBackend
     from drrfarm.render.mesh_cuda import MeshTracer
-    from drrfarm.samples import chest_ct
+    from drrfarm.samples.downloads import chest_ct
     from drrfarm.volume import load_volume, segment_by_thresholds
 
     try:

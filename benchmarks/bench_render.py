@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from drrfarm.render.cuda import CudaBackend
     from drrfarm.render.cuda_plan import count_samples
-    from drrfarm.samples import chest_ct
+    from drrfarm.samples.downloads import chest_ct
 
     volume = load_volume(chest_ct())
     mv3 = segment_by_thresholds(volume)

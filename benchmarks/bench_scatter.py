@@ -26,7 +26,7 @@ from scatter_cases import axis_camera, slab_volume, tables_for  # noqa: E402
 def chest() -> tuple:
     """(material volume, world_from_patient, its Monte Carlo volume's maker) of the sample chest CT."""
     from drrfarm.geometry import world_from_patient_default
-    from drrfarm.samples import chest_ct
+    from drrfarm.samples.downloads import chest_ct
     from drrfarm.scatter import ScatterVolume
     from drrfarm.volume import load_volume, segment_by_thresholds
 

@@ -24,16 +24,25 @@ from typing import Any
 
 import numpy as np
 
+from drrfarm import __version__
 from drrfarm.errors import GeometryError, MeshError, PhysicsError, VolumeError
-from drrfarm.geometry import Camera
-from drrfarm.meshes import Mesh
+from drrfarm.geometry import Camera, world_from_patient_default
+from drrfarm.inputs import resolve_input
+from drrfarm.meshes import BUILTIN_TOOLS, Mesh
 from drrfarm.physics import Physics
-from drrfarm.volume import MaterialVolume, Volume
+from drrfarm.render import get_backend, meshes_per_image
+from drrfarm.sinks.drr_file import write_drr
+from drrfarm.spectrum import get_spectrum
+from drrfarm.volume import (
+    MaterialVolume,
+    Volume,
+    _check_affine,
+    load_volume,
+    segment_by_thresholds,
+    volume_from_array,
+)
 
 __all__ = ["Renderer", "load_ct", "tool_mesh"]
-
-#: Built-in tools of :func:`tool_mesh` (the sweep spec's ``tools[].mesh`` names).
-TOOLS = ("kwire", "screw", "cylinder")
 
 
 # ------------------------------------------------------------------------------------------------ CT
@@ -53,8 +62,6 @@ def load_ct(source: Any, affine: Any = None, *, series_uid: str | None = None, n
     ``patient_from_ijk`` (4, 4) float64 RAS mm. DICOM and LPS NRRD are converted to RAS on load.
     Raises :class:`~drrfarm.errors.VolumeError` naming the file or argument.
     """
-    from drrfarm.volume import load_volume, volume_from_array
-
     if isinstance(source, Volume):
         if affine is not None:
             raise VolumeError("affine: a Volume carries its own affine; pass affine only with an array")
@@ -62,7 +69,7 @@ def load_ct(source: Any, affine: Any = None, *, series_uid: str | None = None, n
     if isinstance(source, (str, Path)):
         if affine is not None:
             raise VolumeError(f"affine: only with an array source; {str(source)!r} carries its own orientation")
-        return load_volume(source, series_uid=series_uid)
+        return load_volume(resolve_input(source), series_uid=series_uid)
     if series_uid is not None:
         raise VolumeError("series_uid: only with a DICOM folder")
     if affine is None and hasattr(source, "affine") and callable(getattr(source, "get_fdata", None)):
@@ -92,13 +99,11 @@ def tool_mesh(kind: str, **options: Any) -> Mesh:
     ``mesh.posed(world_from_mesh)`` ((4, 4) rigid, world mm) or ``mesh.aligned(tip_world_mm,
     base_world_mm, advance_mm, twist_deg)``; :meth:`Renderer.to_world` maps CT (RAS) points to world.
     """
-    from drrfarm.farm.spec_scene import builtin_tools
-
-    makers = builtin_tools()
-    if kind not in makers:
-        raise MeshError(f"kind: unknown tool {kind!r}; choose one of {', '.join(TOOLS)} (or load_mesh(path, material))")
+    if kind not in BUILTIN_TOOLS:
+        raise MeshError(f"kind: unknown tool {kind!r}; choose one of {', '.join(BUILTIN_TOOLS)} "
+                        "(or load_mesh(path, material))")
     try:
-        return makers[kind](**options)
+        return BUILTIN_TOOLS[kind](**options)
     except TypeError as exc:  # an unknown or missing keyword argument
         raise MeshError(f"{kind}: {exc}") from None
 
@@ -179,11 +184,6 @@ class Renderer:
     def __init__(self, ct: Any, *, materials: MaterialVolume | None = None, backend: Any = "auto",
                  spectrum: Any = "90KV_AL40", physics: Any = None, orientation: str = "HFS",
                  world_from_patient: Any = None, **backend_options: Any) -> None:
-        from drrfarm.geometry import world_from_patient_default
-        from drrfarm.render import get_backend
-        from drrfarm.spectrum import get_spectrum
-        from drrfarm.volume import _check_affine, segment_by_thresholds
-
         self.spectrum = get_spectrum(spectrum)
         self.physics = _physics(physics)
         if isinstance(ct, MaterialVolume):
@@ -248,8 +248,6 @@ class Renderer:
 
     def _setup(self, cameras: Any, seed: Any, spectrum: Any, physics: Any) -> tuple[list[Camera], bool, list[int],
                                                                                        Any, Physics]:
-        from drrfarm.spectrum import get_spectrum
-
         cams, single = _cameras(cameras)
         seeds = _seeds(seed, len(cams))
         spec = self.spectrum if spectrum is None else get_spectrum(spectrum)
@@ -289,8 +287,7 @@ class Renderer:
         cams, single, seeds, spec, phys = self._setup(cameras, seed, spectrum, physics)
         out = None
         if self.backend_name == "cuda" and callable(getattr(self.backend, "render_async", None)):
-            from drrfarm.render import meshes_per_image
-            from drrfarm.render.cuda import scene_key
+            from drrfarm.render.cuda import scene_key  # imports pycuda
 
             per = meshes_per_image(meshes, len(cams))
             if per is None or (all(per) and len({scene_key(m) for m in per}) == 1):
@@ -332,14 +329,12 @@ class Renderer:
         ``world_from_patient`` (4, 4), the CT's source and sha256, materials, spectrum (kV, mm Al/Cu,
         mean energy in keV), physics options, backend, seed and the tools (``meshes`` of one image).
         """
-        import drrfarm
-
         cams, _ = _cameras(camera)
         if len(cams) != 1:
             raise GeometryError("camera: the sidecar describes one image; give one Camera")
         _, _, seeds, spec, phys = self._setup(cams, seed, spectrum, physics)
         out: dict[str, Any] = {
-            "drrfarm_version": drrfarm.__version__,
+            "drrfarm_version": __version__,
             "ct": self.volume.source if self.volume is not None else None,
             "ct_sha256": self.materials.volume_sha256,
             **cams[0].to_dict(),
@@ -367,8 +362,6 @@ class Renderer:
         ``meshes``, ``spectrum`` and ``physics`` as to that call (they are recorded, and the output
         transform sets the PNG's scale). Returns the paths written.
         """
-        from drrfarm.drr import write_drr
-
         img = np.asarray(image, dtype=np.float32)
         cams, _ = _cameras(camera)
         if img.shape != (cams[0].height, cams[0].width):

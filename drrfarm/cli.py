@@ -197,8 +197,9 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_render(args: argparse.Namespace) -> int:
-    from drrfarm.drr import DrrRequest, output_paths, render_drr, write_drr
+    from drrfarm.drr import DrrRequest, render_drr
     from drrfarm.physics import Physics
+    from drrfarm.sinks.drr_file import output_paths, write_drr
 
     if args.kvp is not None:
         spectrum: str | dict = {"kvp": args.kvp, "al_mm": args.al_mm, "cu_mm": args.cu_mm}

@@ -5,17 +5,19 @@ The farm does the same per shard with cached volumes; this is the single-image c
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from drrfarm.errors import DrrfarmError, GeometryError, StorageError
-from drrfarm.physics import Physics, quantize_uint16
+from drrfarm.api import Renderer, load_ct
+from drrfarm.errors import DrrfarmError, GeometryError
+from drrfarm.farm.plan import tool_pose_rng
+from drrfarm.farm.scene import base_tool_mesh, pose_tool
+from drrfarm.geometry import CArm, world_from_patient_default
+from drrfarm.physics import Physics
+from drrfarm.spectrum import get_spectrum
+from drrfarm.volume import segment_by_labels, segment_by_thresholds
 
 #: Default detector: DeepDRR's C-arm panel (1536 px × 0.194 mm ≈ 298 mm) sampled at 512 px.
 DEFAULT_SIZE_PX = 512
@@ -51,21 +53,13 @@ def render_drr(req: DrrRequest) -> tuple[np.ndarray, dict[str, Any]]:
     The render goes through :class:`drrfarm.api.Renderer`; tools are posed as a sweep poses them
     (:func:`drrfarm.farm.scene.pose_tool`, random draws from ``req.seed``).
     """
-    from drrfarm.api import Renderer
-    from drrfarm.geometry import CArm, world_from_patient_default
-    from drrfarm.spectrum import get_spectrum
-    from drrfarm.volume import load_volume, segment_by_labels, segment_by_thresholds
-
     if req.size_px <= 0:
         raise GeometryError(f"size: must be a positive number of pixels, got {req.size_px}")
     spectrum = get_spectrum(req.spectrum)
     tool_meshes = []
     if req.tools:  # the tools' meshes first: a bad mesh file fails before the CT is read
-        from drrfarm.farm.plan import tool_pose_rng
-        from drrfarm.farm.scene import base_tool_mesh, pose_tool
-
         tool_meshes = [base_tool_mesh(tool, str) for tool in req.tools]
-    volume = load_volume(req.ct)
+    volume = load_ct(req.ct)
     if req.labels:
         if not req.label_table:
             raise DrrfarmError("label-table: --labels needs --label-table (CSV with columns label,material)")
@@ -85,70 +79,3 @@ def render_drr(req: DrrRequest) -> tuple[np.ndarray, dict[str, Any]]:
     sidecar["carm"] = {"alpha_deg": req.alpha_deg, "beta_deg": req.beta_deg, "gamma_deg": req.gamma_deg,
                        "sdd_mm": req.sdd_mm, "sid_mm": req.sid_mm, "orientation": req.orientation}
     return image, sidecar
-
-
-def output_paths(out_png: str | Path, npy: bool = False) -> list[Path]:
-    """The files :func:`write_drr` writes for ``out_png`` (PNG, JSON sidecar, optional NPY), checked before
-    any work is done: none may be a folder, and their folder must exist or be creatable, and be writable.
-
-    Raises :class:`~drrfarm.errors.StorageError` naming the path.
-    """
-    out_png = Path(out_png)
-    if out_png.name in ("", ".", ".."):
-        raise StorageError(f"output file {str(out_png)!r} is not a file name; give a .png path")
-    paths = [out_png, out_png.with_suffix(".json")] + ([out_png.with_suffix(".npy")] if npy else [])
-    if len(set(paths)) != len(paths):
-        raise StorageError(f"output file {out_png}: the image and its sidecar would share this name; give a .png path")
-    try:
-        if out_png.is_dir():
-            raise StorageError(f"output file {out_png} is a folder; give a file path such as {out_png / 'drr.png'}")
-        for path in paths[1:]:
-            if path.is_dir():
-                raise StorageError(f"output file {out_png}: {path} is a folder, so it cannot be written")
-        existing = out_png.parent
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            raise StorageError(f"output file {out_png}: {existing} is a file, not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise StorageError(f"output file {out_png}: folder {existing} is not writable")
-    except OSError as exc:
-        raise StorageError(f"output file {out_png}: {exc.strerror or exc}") from None
-    return paths
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise StorageError(f"output file {path}: cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise StorageError(f"output file {path}: cannot write: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_drr(image: np.ndarray, sidecar: dict[str, Any], out_png: str | Path, npy: bool = False) -> list[Path]:
-    """Write ``out.png`` (16-bit, ``value × image_scale`` = output), ``out.json`` and optionally ``out.npy``."""
-    from drrfarm.sinks.png import encode_png16
-
-    written = output_paths(out_png, npy=npy)
-    out_png = written[0]
-    quantised, scale = quantize_uint16(image, sidecar["physics"]["output"])
-    sidecar = {**sidecar, "image_scale": scale, "image_dtype": "uint16"}
-    _atomic_write(out_png, encode_png16(quantised))
-    _atomic_write(written[1], json.dumps(sidecar, indent=2).encode())
-    if npy:
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, image.astype(np.float32))
-        _atomic_write(written[2], buf.getvalue())
-    return written

@@ -27,8 +27,11 @@ from typing import Any
 import numpy as np
 
 from drrfarm.errors import VolumeError
+from drrfarm.inputs import resolve_input
 from drrfarm.render import reference
+from drrfarm.render.mesh_reference import trace_meshes
 from drrfarm.sinks.annotations import pack_mask_bits, unpack_mask_bits
+from drrfarm.volume import Volume, load_volume
 
 __all__ = ["LabelImages", "LabelProjector", "mesh_label_images", "unpack_bits"]
 
@@ -89,12 +92,10 @@ class _Crop:
 
 def _label_array(label_map: Any, patient_from_ijk: Any) -> tuple[np.ndarray, np.ndarray, str]:
     """(labels (I,J,K) int64, patient_from_ijk (4,4), where) from an array, a Volume or a path."""
-    from drrfarm.volume import Volume, load_volume
-
     where = "<array>"
     if isinstance(label_map, (str, bytes)) or hasattr(label_map, "__fspath__"):
         where = str(label_map)
-        label_map = load_volume(label_map)
+        label_map = load_volume(resolve_input(label_map))
     if isinstance(label_map, Volume):
         where = label_map.source
         affine = label_map.patient_from_ijk if patient_from_ijk is None else patient_from_ijk
@@ -203,8 +204,6 @@ def mesh_label_images(meshes: Sequence[Any], camera: Any, thickness: bool = True
 
     ``mesh_pass``: a :class:`drrfarm.render.mesh_reference.MeshPass` of the same camera to reuse.
     """
-    from drrfarm.render.mesh_reference import trace_meshes
-
     mp = mesh_pass if mesh_pass is not None else trace_meshes(meshes, camera)
     chords = mp.chords_mm
     names = [m.name for m in mp.meshes]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,10 @@ from typing import Any
 import numpy as np
 
 from drrfarm.errors import DrrfarmError, MeshError
+from drrfarm.materials import canonical_material_name, nominal_density_g_cm3
 
 __all__ = [
+    "BUILTIN_TOOLS",
     "MODES",
     "Mesh",
     "MeshError",
@@ -187,8 +190,6 @@ class Mesh:
         if mode is None:
             raise MeshError(f"{where}: mode must be one of {MODES} (or additive/replacing), got {self.mode!r}")
         object.__setattr__(self, "mode", mode)
-        from drrfarm.materials import canonical_material_name
-
         try:
             canonical_material_name(self.material)
         except DrrfarmError as exc:
@@ -347,8 +348,6 @@ def check_watertight(vertices: np.ndarray, faces: np.ndarray, where: str) -> tup
 def _default_density(material: str, density_g_cm3: float | None) -> float:
     if density_g_cm3 is not None:
         return float(density_g_cm3)
-    from drrfarm.materials import nominal_density_g_cm3
-
     return float(nominal_density_g_cm3(material))
 
 
@@ -514,6 +513,10 @@ def screw_mesh(
         raise MeshError(f"length_mm: {L:g} must exceed head_length_mm + tip_length_mm ({hl + tl:g})")
     profile = [(0.0, 0.0), (rh, 0.0), (rh, hl), (r, hl), (r, L - tl), (0.0, L)]
     return _revolved(profile, sections, material, density_g_cm3, mode, name, L)
+
+
+#: Built-in tools by name (``drrfarm.tool_mesh``, ``drrfarm render --tool``): name -> generator.
+BUILTIN_TOOLS: dict[str, Callable[..., Mesh]] = {"kwire": kwire_mesh, "screw": screw_mesh, "cylinder": cylinder_mesh}
 
 
 # -------------------------------------------------------------------------------- pose distributions

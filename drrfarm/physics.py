@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from drrfarm.errors import PhysicsError
+from drrfarm.materials import mass_attenuation_cm2_g, material_table
 
 DETECTORS = ("ideal", "photon_counting", "csi")
 OUTPUTS = ("line_integral", "transmission", "intensity", "neglog")
@@ -143,16 +144,12 @@ def detector_efficiency(energies_kev: np.ndarray, physics: Physics) -> np.ndarra
     energies_kev = np.asarray(energies_kev, dtype=np.float64)
     if physics.detector != "csi":
         return np.ones_like(energies_kev)
-    from drrfarm.materials import mass_attenuation_cm2_g
-
     mu_cm = mass_attenuation_cm2_g("CsI", energies_kev) * CSI_DENSITY_G_CM3
     return 1.0 - np.exp(-mu_cm * physics.csi_thickness_mm / 10.0)
 
 
 def detector_tables(spectrum: Any, material_names: list[str], physics: Physics) -> DetectorTables:
     """Build the per-bin tables for ``spectrum`` (a :class:`drrfarm.spectrum.Spectrum`)."""
-    from drrfarm.materials import material_table
-
     energies = np.asarray(spectrum.energies_kev, dtype=np.float64)
     probs = np.asarray(spectrum.weights, dtype=np.float64)
     eta = detector_efficiency(energies, physics)

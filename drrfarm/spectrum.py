@@ -28,6 +28,7 @@ import numpy as np
 
 from drrfarm.deepdrr_compat import is_deepdrr_name, spectrum_bins
 from drrfarm.errors import DrrfarmError, SpectrumError
+from drrfarm.materials import mass_attenuation_cm2_g, mass_energy_absorption_cm2_g, nominal_density_g_cm3
 
 __all__ = [
     "DEEPDRR_MEAN_ENERGY_KEV",
@@ -162,8 +163,6 @@ class Spectrum:
 
     def transmission(self, material: str, areal_density_g_cm2: float) -> float:
         """Photon-fraction transmission sum_b w_b exp(-mu/rho(E_b) * areal density) through one material."""
-        from drrfarm.materials import mass_attenuation_cm2_g
-
         mu = mass_attenuation_cm2_g(material, self.energies_kev)
         return float(np.dot(self.weights, np.exp(-mu * float(areal_density_g_cm2))))
 
@@ -174,12 +173,6 @@ class Spectrum:
         attenuation uses total mu/rho of Al (xraydb), mu_en of air is drrfarm.materials' approximation
         (within 1.5% of NIST). Solved by bisection to 1e-6 mm.
         """
-        from drrfarm.materials import (
-            mass_attenuation_cm2_g,
-            mass_energy_absorption_cm2_g,
-            nominal_density_g_cm3,
-        )
-
         e = self.energies_kev
         kerma = self.weights * e * mass_energy_absorption_cm2_g("air", e)
         mu_al_per_mm = mass_attenuation_cm2_g("aluminium", e) * nominal_density_g_cm3("aluminium") / 10.0

@@ -571,12 +571,9 @@ def load_volume(path_or_url: PathLike, *, series_uid: str | None = None) -> Volu
 
     ``path_or_url`` may be a local path or any fsspec URL (``s3://``, ``file://``, ``memory://``, ...);
     URLs are read into memory. Nothing is ever written next to the input. ``series_uid`` selects one
-    series when a DICOM folder holds several. ``sample:chest_ct`` names the sample CT
-    (:func:`drrfarm.samples.resolve_sample`).
+    series when a DICOM folder holds several. Input names such as ``sample:chest_ct`` are resolved by
+    :func:`drrfarm.inputs.resolve_input` (as :func:`drrfarm.api.load_ct` does).
     """
-    from drrfarm.samples import resolve_sample
-
-    path_or_url = resolve_sample(path_or_url)
     raw = _read_raw(path_or_url, series_uid=series_uid)
     hu = np.ascontiguousarray(raw.data, dtype=np.float32)
     if hu is raw.data and not (raw.owned and hu.flags.writeable):

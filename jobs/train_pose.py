@@ -461,7 +461,7 @@ class _Mlflow:
                 log.warning("dataset run %s not found at %s (%s); using experiment 'drrfarm'", dataset_run,
                             tracking_uri, type(exc).__name__)
         if exp_id is None:
-            from drrfarm.tracking import DEFAULT_EXPERIMENT
+            from drrfarm.tracking.tracker import DEFAULT_EXPERIMENT
 
             name = experiment or DEFAULT_EXPERIMENT
             exp = client.get_experiment_by_name(name)
@@ -587,7 +587,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         tracker = None
         if not args.no_tracking:
-            from drrfarm.tracking import resolve_tracking_uri
+            from drrfarm.tracking.store import resolve_tracking_uri
 
             uri = resolve_tracking_uri(args.tracking_uri, os.getcwd() if args.stream else url.removeprefix("file://"))
             tracker = _Mlflow(uri, args.experiment, info, run_name)

@@ -16,7 +16,7 @@ from drrfarm.geometry import Camera
 
 
 def test_render_writes_png_sidecar_and_npy(tmp_path: Path) -> None:
-    from drrfarm.samples import chest_ct
+    from drrfarm.samples.downloads import chest_ct
 
     out = tmp_path / "ap.png"
     code = main(

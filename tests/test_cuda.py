@@ -30,7 +30,7 @@ from drrfarm.render.cuda_plan import (
     rays_from_block,
     tables_block,
 )
-from drrfarm.samples import Box, Cylinder, Phantom, Sphere, inserts_phantom, sphere_phantom
+from drrfarm.samples.phantoms import Box, Cylinder, Phantom, Sphere, inserts_phantom, sphere_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "device"))
@@ -191,7 +191,7 @@ def exact_backend():
 
 @pytest.fixture(scope="module")
 def chest():
-    from drrfarm.samples import chest_ct
+    from drrfarm.samples.downloads import chest_ct
     from drrfarm.volume import load_volume, segment_by_thresholds
 
     volume = load_volume(chest_ct())
@@ -527,7 +527,7 @@ _INTEROP = textwrap.dedent("""
         from drrfarm.geometry import CArm
         from drrfarm.physics import DetectorTables, Physics
         from drrfarm.render.cuda import CudaBackend
-        from drrfarm.samples import sphere_phantom
+        from drrfarm.samples.phantoms import sphere_phantom
         be = CudaBackend(device=0)
         h = be.prepare(sphere_phantom(radius_mm=20.0, shape=(48, 48, 48)).material_volume(), np.eye(4))
         tab = DetectorTables(np.array([[0.2]]), np.array([1.0]), np.array([1.0]), 60.0)

@@ -19,7 +19,7 @@ from drrfarm.geometry import CArm
 from drrfarm.physics import Physics, finish_image
 from drrfarm.render import get_backend, output_material_names
 from drrfarm.render.mesh_reference import trace_meshes
-from drrfarm.samples import Box, Cylinder, Phantom
+from drrfarm.samples.phantoms import Box, Cylinder, Phantom
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("trimesh")

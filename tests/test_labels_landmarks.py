@@ -15,7 +15,7 @@ from drrfarm.meshes import cylinder_mesh
 from drrfarm.physics import Physics
 from drrfarm.render import get_backend
 from drrfarm.render.mesh_reference import camera_rays_world
-from drrfarm.samples import bead_phantom, sphere_chord_mm
+from drrfarm.samples.phantoms import bead_phantom, sphere_chord_mm
 
 pytest.importorskip("trimesh")
 

@@ -35,7 +35,7 @@ from drrfarm.render.mesh_reference import (
     trace_mesh,
     trace_meshes,
 )
-from drrfarm.samples import box_chord_mm, cylinder_chord_mm
+from drrfarm.samples.phantoms import box_chord_mm, cylinder_chord_mm
 from drrfarm.spectrum import monoenergetic
 from drrfarm.volume import MaterialVolume
 

@@ -11,7 +11,7 @@ from drrfarm.materials import mass_attenuation_cm2_g
 from drrfarm.physics import Physics
 from drrfarm.render import get_backend
 from drrfarm.render.reference import ray_lengths_in_box
-from drrfarm.samples import Ellipsoid, Phantom, bead_phantom, sphere_phantom
+from drrfarm.samples.phantoms import Ellipsoid, Phantom, bead_phantom, sphere_phantom
 from drrfarm.spectrum import monoenergetic, preset
 
 SMALL_CARM = CArm(height=48, width=48, pixel_mm=2.0)
@@ -134,7 +134,7 @@ def test_same_seed_same_image_other_seed_differs() -> None:
 
 @pytest.fixture(scope="module")
 def chest() -> tuple[object, object, np.ndarray]:
-    from drrfarm.samples import chest_ct
+    from drrfarm.samples.downloads import chest_ct
     from drrfarm.volume import load_volume, segment_by_thresholds
 
     volume = load_volume(chest_ct())

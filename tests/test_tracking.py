@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 from drrfarm.errors import TrackingError
-from drrfarm.tracking import (
+from drrfarm.tracking.params import flatten_params
+from drrfarm.tracking.redaction import redact
+from drrfarm.tracking.store import resolve_tracking_uri
+from drrfarm.tracking.tracker import (
     OUTPUT_URL_TAG,
     SPEC_SHA_TAG,
     MlflowTracker,
     NullTracker,
-    flatten_params,
     open_tracker,
-    redact,
-    resolve_tracking_uri,
 )
 
 mlflow = pytest.importorskip("mlflow")
@@ -125,7 +125,7 @@ def _download_all(client: MlflowClient, run_id: str, dst: Path) -> Path:
 
 
 def test_importing_tracking_does_not_import_mlflow() -> None:
-    code = "import sys, drrfarm.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported eagerly'"
+    code = "import sys, drrfarm.tracking.tracker; assert 'mlflow' not in sys.modules, 'mlflow imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 

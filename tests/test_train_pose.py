@@ -55,7 +55,8 @@ def test_train_pose_two_epochs_loss_decreases_and_links_dataset(ray_local, tmp_p
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
-    from drrfarm.tracking import open_tracker, resolve_tracking_uri
+    from drrfarm.tracking.store import resolve_tracking_uri
+    from drrfarm.tracking.tracker import open_tracker
 
     url = str(tmp_path / "sweep")
     tracker = open_tracker(True, "drrfarm-pose-test", None, url, "ab" * 32)  # the sweep's provenance run

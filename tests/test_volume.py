@@ -15,8 +15,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from drrfarm import samples
 from drrfarm.errors import MaterialError, VolumeError
+from drrfarm.samples import downloads
 from drrfarm.volume import (
     MaterialVolume,
     Volume,
@@ -294,18 +294,18 @@ def test_nrrd_detached_header_and_memory_url(tmp_path):
 # ------------------------------------------------------------------------------ real sample data
 @pytest.fixture(scope="module")
 def chest() -> Volume:
-    return load_volume(samples.chest_ct())
+    return load_volume(downloads.chest_ct())
 
 
 @pytest.fixture(scope="module")
 def chest_dicom() -> Volume:
-    return load_volume(samples.chest_ct_dicom())
+    return load_volume(downloads.chest_ct_dicom())
 
 
 def test_sample_ct_loads(chest):
     assert chest.shape == (512, 512, 133)
     np.testing.assert_allclose(chest.spacing_mm, (0.703125, 0.703125, 2.5))
-    assert chest.sha256 == samples.CHEST_CT_SHA256
+    assert chest.sha256 == downloads.CHEST_CT_SHA256
     expected = np.array([[-0.703125, 0, 0, 166.0], [0, 0.703125, 0, -187.59687805], [0, 0, 2.5, -340.0], [0, 0, 0, 1]])
     np.testing.assert_allclose(chest.patient_from_ijk, expected, atol=1e-5)
     assert chest.hu.dtype == np.float32
@@ -353,7 +353,7 @@ def test_dicom_series_matches_nifti(chest, chest_dicom):
 
 
 def test_dicom_sha_is_over_sorted_slices(chest_dicom):
-    folder = samples.chest_ct_dicom()
+    folder = downloads.chest_ct_dicom()
     files = [p for p in folder.iterdir() if p.suffix == ".dcm"]
     z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in files]
     ordered = [p for _, p in sorted(zip(z, files, strict=True))]  # normal is +z (LPS) for this series
@@ -366,7 +366,7 @@ def test_dicom_sha_is_over_sorted_slices(chest_dicom):
 @pytest.fixture(scope="module")
 def few_slices(tmp_path_factory) -> Path:
     """Five consecutive slices of the sample series (plus its XML file) in a scratch folder."""
-    src = samples.chest_ct_dicom()
+    src = downloads.chest_ct_dicom()
     out = tmp_path_factory.mktemp("dicom5")
     for n in range(60, 65):
         shutil.copy(src / f"1-{n:03d}.dcm", out / f"1-{n:03d}.dcm")
@@ -619,14 +619,14 @@ def test_segment_by_labels_files_and_grid_checks(tmp_path):
 
 def test_chest_labels_segmentation_slab(chest):
     """Label-based materials on a 10-slice slab of the real CT and label map."""
-    lab = nib.load(samples.chest_ct_labels())
+    lab = nib.load(downloads.chest_ct_labels())
     np.testing.assert_allclose(lab.affine, chest.patient_from_ijk, atol=1e-3)
     k0, k1 = 60, 70
     labels = np.asanyarray(lab.dataobj)[:, :, k0:k1]
     affine = chest.patient_from_ijk.copy()
     affine[:3, 3] = chest.patient_mm_from_ijk([[0, 0, k0]])[0]
     slab = volume_from_array(chest.hu[:, :, k0:k1], affine, name="chest-slab")
-    table = samples.chest_ct_label_table()
+    table = downloads.chest_ct_label_table()
     mv = segment_by_labels(slab, labels, table)
     assert mv.material_names == ["soft_tissue", "lung", "air", "bone", "blood", "muscle"]
     d = mv.densities_g_cm3
@@ -636,8 +636,8 @@ def test_chest_labels_segmentation_slab(chest):
     bone = d[mv.material_names.index("bone")]
     assert bone.any() and bone[bone > 0].mean() > 1.1
     # a full-size label map file is also accepted directly
-    mv_full = segment_by_labels(chest, samples.chest_ct_labels(), table)
-    assert mv_full.shape == chest.shape and mv_full.provenance["label_sha256"] == samples.CHEST_CT_LABELS_SHA256
+    mv_full = segment_by_labels(chest, downloads.chest_ct_labels(), table)
+    assert mv_full.shape == chest.shape and mv_full.provenance["label_sha256"] == downloads.CHEST_CT_LABELS_SHA256
     del mv_full
 
 

@@ -37,7 +37,8 @@ DETECTORS = ["ideal", "photon_counting", "csi"]
 
 
 def main() -> None:
-    from drrfarm.samples import chest_ct, inserts_phantom, sphere_phantom
+    from drrfarm.samples.downloads import chest_ct
+    from drrfarm.samples.phantoms import inserts_phantom, sphere_phantom
 
     assert sphere_phantom().material_names == ["water"]
     assert inserts_phantom().material_names == MATERIAL_SETS[4], inserts_phantom().material_names

@@ -21,7 +21,7 @@ from tables import load_tables  # noqa: E402
 from drrfarm.geometry import world_from_patient_default  # noqa: E402
 from drrfarm.physics import Physics  # noqa: E402
 from drrfarm.render.cuda import CudaBackend  # noqa: E402
-from drrfarm.samples import chest_ct  # noqa: E402
+from drrfarm.samples.downloads import chest_ct  # noqa: E402
 from drrfarm.volume import MaterialVolume, load_volume, segment_by_thresholds  # noqa: E402
 
 

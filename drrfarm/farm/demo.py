@@ -15,7 +15,7 @@ DEMO_OUTPUT = "./drrfarm-demo"
 
 #: detector: 128 px x 5.5 mm = 704 mm, i.e. ~366 mm at the isocentre (magnification 1020/530): the whole chest
 DEMO_SPEC_YAML = """\
-# drrfarm demo sweep: the LIDC-IDRI-0001 chest CT (drrfarm.samples.chest_ct) over a small C-arm grid
+# drrfarm demo sweep: the LIDC-IDRI-0001 chest CT (drrfarm.samples.downloads.chest_ct) over a small C-arm grid
 name: demo
 seed: 2024
 volumes:

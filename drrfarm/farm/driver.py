@@ -166,7 +166,9 @@ def preflight(plan: Plan, check_local_files: bool = True) -> list[Any]:
     """Fail fast, before any rendering: spectra build, materials exist, physics and cameras are valid,
     local inputs exist (skipped with ``check_local_files=False``, e.g. for a remote ``ray://`` cluster
     whose nodes see other files). Returns the spectra. Raises SpecError naming the spec key."""
-    from drrfarm.farm.worker import camera_for, physics_for, resolve_input, spectrum_request
+    from drrfarm.farm.worker import camera_for, physics_for, spectrum_request
+    from drrfarm.inputs import resolve_input, sample_name
+    from drrfarm.samples.downloads import SAMPLES
     from drrfarm.spectrum import get_spectrum
     from drrfarm.volume import validate_material_names
 
@@ -190,10 +192,8 @@ def preflight(plan: Plan, check_local_files: bool = True) -> list[Any]:
             if v.materials.table_path_resolved:
                 inputs.append(("materials.table", v.materials.table_path_resolved, None))
         for key, path, rel in inputs:
-            if path.startswith("sample:"):
-                from drrfarm.samples import SAMPLE_PREFIX, SAMPLES
-
-                name = path[len(SAMPLE_PREFIX):]
+            name = sample_name(path)
+            if name is not None:
                 if name not in SAMPLES:
                     raise SpecError(f"{src}: volumes[{i}].{key}: unknown sample dataset {name!r}")
                 continue
@@ -879,7 +879,7 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
                   f"({plan.n_shards} shards, {plan.n_images} images); nothing to do", file=stream)
         return summary
 
-    from drrfarm.tracking import open_tracker
+    from drrfarm.tracking.tracker import open_tracker
 
     enabled = bool(tracking and spec.tracking.enabled)
     tracker = open_tracker(enabled, spec.tracking.experiment, spec.tracking.tracking_uri, spec.output.url,

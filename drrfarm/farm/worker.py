@@ -50,21 +50,8 @@ import drrfarm
 from drrfarm.errors import BackendError, DrrfarmError, StorageError
 from drrfarm.farm.plan import Pose, ShardTask
 from drrfarm.farm.spec import SpectrumItem, SweepSpec, VolumeSpec
+from drrfarm.inputs import resolve_input
 from drrfarm.sinks.parquet import DeltaPlanes
-
-
-def resolve_input(path: str, relpath: str | None = None) -> str:
-    """Local path / URL to open for a spec input: ``sample:<name>`` -> :mod:`drrfarm.samples`; a
-    local path missing on this node falls back to ``relpath`` under the current directory."""
-    if path.startswith("sample:"):
-        from drrfarm.samples import resolve_sample
-
-        return str(resolve_sample(path))
-    if "://" in path:
-        return path
-    if not os.path.exists(path) and relpath and os.path.exists(relpath):
-        return os.path.abspath(relpath)
-    return path
 
 
 def spectrum_request(item: SpectrumItem, n_bins: int | None) -> str | dict[str, Any]:
@@ -691,4 +678,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["RenderWorker", "actor_options", "camera_for", "image_rows", "load_material_volume", "physics_for",
-           "remote_class", "render_actor_class", "resolve_input", "spectrum_request"]
+           "remote_class", "render_actor_class", "spectrum_request"]

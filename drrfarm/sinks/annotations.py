@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from drrfarm.errors import StorageError
+from drrfarm.sinks.png import encode_png16
 
 MASKS = "masks"
 THICKNESS = "thickness_mm"
@@ -86,8 +87,6 @@ def parquet_cells(fields: Mapping[str, np.ndarray]) -> dict[str, bytes]:
 def png_files(fields: Mapping[str, np.ndarray], image_key: str, compress_level: int = 1
               ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """({key: PNG bytes}, sidecar entries) of one image's pixel annotations, keyed next to ``image_key``."""
-    from drrfarm.sinks.png import encode_png16
-
     base = image_key[: -len(".png")] if image_key.endswith(".png") else image_key
     files: dict[str, bytes] = {}
     side: dict[str, Any] = {}

@@ -7,6 +7,11 @@ import json
 import sys
 from typing import Any
 
+from drrfarm.errors import StorageError
+from drrfarm.sinks.contact_sheet import contact_sheet_png
+from drrfarm.sinks.manifest import read_manifest, verify_shard
+from drrfarm.sinks.store import open_store
+
 
 def add_commands(subparsers: Any) -> None:
     """Register ``inspect`` on the CLI's subparsers; the handler is ``args.handler(args) -> int``."""
@@ -34,10 +39,6 @@ def _human(n: float) -> str:
 def summarize(url: str, *, verify: bool = False) -> dict[str, Any]:
     """Summary dict of the dataset at ``url`` (what ``inspect`` prints)."""
     import pyarrow.parquet as pq
-
-    from drrfarm.errors import StorageError
-    from drrfarm.sinks.manifest import read_manifest, verify_shard
-    from drrfarm.sinks.store import open_store
 
     store = open_store(url, probe=False)
     m = read_manifest(store)
@@ -81,8 +82,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     s = summarize(args.url, verify=args.verify)
     if args.contact_sheet:
         import fsspec
-
-        from drrfarm.sinks.contact_sheet import contact_sheet_png
 
         png = contact_sheet_png(args.url, args.n)
         with fsspec.open(args.contact_sheet, "wb") as f:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from drrfarm.errors import StorageError
+from drrfarm.sinks.dataset import sample_images
 
 
 def to_uint8(image: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> np.ndarray:
@@ -39,8 +40,6 @@ def contact_sheet_png(
     if n < 1:
         raise StorageError(f"contact sheet: n must be >= 1, got {n}")
     if isinstance(source, str):
-        from drrfarm.sinks.dataset import sample_images
-
         images = [img for img, _ in sample_images(source, n)]
     else:
         arr = source if isinstance(source, np.ndarray) else None

@@ -18,6 +18,8 @@ import numpy as np
 
 from drrfarm.errors import StorageError
 from drrfarm.sinks.manifest import Manifest, read_manifest
+from drrfarm.sinks.parquet import IMAGE_COLUMN, decode_images, dequantize
+from drrfarm.sinks.png import decode_png16
 from drrfarm.sinks.store import Store, open_store
 
 
@@ -51,9 +53,6 @@ def _spread(total: int, n: int) -> list[int]:
 def sample_images(url: str | Store, n: int = 16) -> list[tuple[np.ndarray, dict[str, Any]]]:
     """Up to ``n`` (float32 image (H, W), row metadata) pairs spread evenly over the committed rows."""
     import pyarrow.parquet as pq
-
-    from drrfarm.sinks.parquet import IMAGE_COLUMN, decode_images, dequantize
-    from drrfarm.sinks.png import decode_png16
 
     store = _store(url)
     manifest = read_manifest(store)

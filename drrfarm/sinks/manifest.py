@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drrfarm.errors import StorageError
+from drrfarm.sinks.png import jsonable
 from drrfarm.sinks.store import Store, check_shard_id, open_store
 
 log = logging.getLogger("drrfarm.sinks")
@@ -236,8 +237,6 @@ def verify_shard(store: Store, entry: ShardEntry, *, checksums: bool = True) -> 
 
 def finalize_manifest(url: str | Store, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write the consolidated ``manifest.json`` from the committed entries; returns its document."""
-    from drrfarm.sinks.png import jsonable
-
     store = url if isinstance(url, Store) else open_store(url, probe=False)
     m = Manifest(store.url, _read_entries(store), jsonable(dict(extra or {})), utc_now())
     doc = m.to_dict()

@@ -25,11 +25,19 @@ from typing import Any
 
 import numpy as np
 
+from drrfarm import __version__
 from drrfarm.errors import DrrfarmError, StorageError
 from drrfarm.sinks import manifest as _manifest
 from drrfarm.sinks.annotations import parquet_cells, png_files, split_pixel_fields
 from drrfarm.sinks.manifest import ShardEntry
-from drrfarm.sinks.parquet import DeltaPlanes
+from drrfarm.sinks.parquet import (
+    IMAGE_ZSTD_LEVEL,
+    VECTOR_LENGTHS,
+    DeltaPlanes,
+    encode_parquet,
+    is_float_vector,
+)
+from drrfarm.sinks.png import encode_png16, png_keys, sidecar_json
 from drrfarm.sinks.store import Store, check_shard_id, open_store
 
 log = logging.getLogger("drrfarm.sinks")
@@ -111,8 +119,6 @@ class ShardSink:
         self.rows_per_row_group = rows_per_row_group
         self.parquet_compression = parquet_compression
         if parquet_compression_level is None and parquet_compression == "zstd":
-            from drrfarm.sinks.parquet import IMAGE_ZSTD_LEVEL
-
             parquet_compression_level = IMAGE_ZSTD_LEVEL
         self.parquet_compression_level = parquet_compression_level
         self.png_compress_level = png_compress_level
@@ -166,10 +172,6 @@ class ShardSink:
 
         ``executor``: codes the images (PNGs, Parquet ``zstd-delta`` cells) in parallel -- numpy, zstd and
         zlib release the GIL; the bytes are the same."""
-        from drrfarm import __version__
-        from drrfarm.sinks.parquet import VECTOR_LENGTHS, encode_parquet, is_float_vector
-        from drrfarm.sinks.png import encode_png16, png_keys, sidecar_json
-
         check_shard_id(shard_id)
         if isinstance(images, DeltaPlanes) and not self.takes_delta_planes:
             images = images.images()  # another output needs the pixels

@@ -5,12 +5,8 @@ progress metrics and, at the end, the manifest, a contact sheet and a summary. W
 MLflow; ``mlflow`` is imported lazily, only by the driver, only when tracking is enabled.
 
 Run identity: a run is found again (resume) by its tags ``drrfarm.spec_sha256`` and
-``drrfarm.output_url`` (the normalised, redacted output URL) inside the experiment.
-
-Store (when neither ``tracking_uri`` nor ``MLFLOW_TRACKING_URI`` is given):
-
-- local output folder ``<out>``: SQLite ``sqlite:///<out>/mlruns.db``, artifacts in ``<out>/mlartifacts``;
-- remote output (``s3://...``): ``sqlite:///<cwd>/mlruns.db``, artifacts in ``<cwd>/mlartifacts``.
+``drrfarm.output_url`` (the normalised, redacted output URL) inside the experiment. The store is
+chosen by :func:`drrfarm.tracking.store.resolve_tracking_uri`.
 
 Outages: no :class:`Tracker` method ever raises. A failing call is logged as a warning and buffered
 (bounded); buffered calls are retried, oldest first, on later calls (with exponential backoff between
@@ -18,7 +14,8 @@ attempts) and at :meth:`Tracker.finish`, which waits at most ``finish_timeout_s`
 While the tracker talks to MLflow, HTTP retries and timeouts are made short through the environment
 (``MLFLOW_HTTP_REQUEST_*``) so a dead server costs seconds, not minutes.
 
-Secrets: everything logged (params, tags, dataset inputs, artifact text) goes through :func:`redact`.
+Secrets: everything logged (params, tags, dataset inputs, artifact text) goes through
+:func:`drrfarm.tracking.redaction.redact`.
 """
 
 from __future__ import annotations
@@ -30,34 +27,38 @@ import getpass
 import hashlib
 import json
 import logging
-import math
 import os
-import platform
 import re
-import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePath
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import urlsplit
 
 from drrfarm.errors import TrackingError
+from drrfarm.tracking.environment import environment_tags
+from drrfarm.tracking.params import (
+    MAX_TAG_VALUE_CHARS,
+    flatten_metrics,
+    flatten_params,
+    json_default,
+    json_text,
+    safe_key,
+    truncate,
+    value_str,
+)
+from drrfarm.tracking.redaction import REDACTED, SECRET_KEY_RE, redact, redact_obj, redact_str, secret_values
+from drrfarm.tracking.store import artifact_location, normalize_output_url, resolve_tracking_uri, sqlite_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "drrfarm"
 SPEC_SHA_TAG = "drrfarm.spec_sha256"
 OUTPUT_URL_TAG = "drrfarm.output_url"
-DB_FILENAME = "mlruns.db"
-ARTIFACTS_DIRNAME = "mlartifacts"
-REDACTED = "***"
 
-#: MLflow limits (mlflow.utils.validation): value lengths, key length, entities per log_batch call.
-MAX_PARAM_VALUE_CHARS = 6000
-MAX_TAG_VALUE_CHARS = 8000
-MAX_KEY_CHARS = 250
+#: MLflow limits (mlflow.utils.validation): entities per log_batch call, dataset digest and input tag lengths.
 _MAX_PARAMS_TAGS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_DATASET_DIGEST_CHARS = 36
@@ -65,370 +66,6 @@ _MAX_INPUT_TAG_VALUE_CHARS = 500
 
 _RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-# ----------------------------------------------------------------------------------------------------
-# Redaction
-# ----------------------------------------------------------------------------------------------------
-
-_SECRET_ENV_NAMES = frozenset(
-    {
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_SECURITY_TOKEN",
-        "AWS_ACCESS_KEY_ID",
-        "MLFLOW_TRACKING_PASSWORD",
-        "MLFLOW_TRACKING_TOKEN",
-        "AZURE_STORAGE_ACCESS_KEY",
-        "AZURE_STORAGE_CONNECTION_STRING",
-    }
-)
-# *_TOKEN, *SECRET*, *_PASSWORD (and a few obvious key/credential names).
-_SECRET_ENV_NAME_RE = re.compile(
-    r"(^|_)(TOKEN|PASSWORD|PASSWD)$|SECRET|(^|_)(API|ACCESS|PRIVATE)_?KEY($|_)|CONNECTION_STRING$", re.I
-)
-# Values too generic to be a secret (a flag such as FOO_SECRET_ENABLED=1 must not blank out every "1").
-_TRIVIAL_VALUES = frozenset({"true", "false", "yes", "no", "none", "null", "on", "off"})
-_MIN_SECRET_CHARS = 4  # shorter values are ignored
-_MIN_SUBSTRING_SECRET_CHARS = 8  # shorter values are only redacted where a whole string equals them
-
-# scheme://userinfo@host -> scheme://***@host (userinfo may hold unescaped '@'; stops at / ? # quotes space)
-_USERINFO_RE = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s\"'<>\\]*@")
-# ?X-Amz-Signature=...&token=... -> value blanked
-_QUERY_SECRET_RE = re.compile(
-    r"(?P<key>[?&;][^=&#\s\"']*(?:token|signature|sig|secret|passw(?:or)?d|pwd|credential|api[_-]?key"
-    r"|access[_-]?key)[^=&#\s\"']*=)[^&#\s\"']*",
-    re.I,
-)
-# Mapping keys / "key: value" lines whose value is a secret by name.
-_SECRET_KEY_WORDS = r"(?:secret|passw(?:or)?d|token|credential|api[_-]?key|access[_-]?key|private[_-]?key)"
-_SECRET_KEY_RE = re.compile(_SECRET_KEY_WORDS, re.I)
-_SECRET_LINE_RE = re.compile(
-    r"(?im)^(?P<key>[ \t\-]*[\"']?[\w.\-]*" + _SECRET_KEY_WORDS + r"[\w.\-]*[\"']?[ \t]*[:=][ \t]*)\S.*$"
-)
-
-
-def is_secret_env_name(name: str) -> bool:
-    """True if the environment variable ``name`` holds a credential (its value is redacted)."""
-    return name.upper() in _SECRET_ENV_NAMES or bool(_SECRET_ENV_NAME_RE.search(name))
-
-
-def _secret_values() -> tuple[list[str], set[str]]:
-    """(substring secrets longest first, whole-string secrets) from the current environment."""
-    subs: set[str] = set()
-    whole: set[str] = set()
-    for name, value in os.environ.items():
-        if not value or not is_secret_env_name(name):
-            continue
-        value = value.strip()
-        if len(value) < _MIN_SECRET_CHARS or value.lower() in _TRIVIAL_VALUES:
-            continue
-        whole.add(value)
-        if len(value) >= _MIN_SUBSTRING_SECRET_CHARS:
-            subs.add(value)
-            encoded = quote(value, safe="")
-            if encoded != value:
-                subs.add(encoded)
-    return sorted(subs, key=len, reverse=True), whole
-
-
-def _redact_str(text: str, secrets: tuple[list[str], set[str]]) -> str:
-    subs, whole = secrets
-    if text.strip() in whole:
-        return REDACTED
-    for value in subs:
-        if value in text:
-            text = text.replace(value, REDACTED)
-    text = _USERINFO_RE.sub(r"\g<scheme>" + REDACTED + "@", text)
-    text = _QUERY_SECRET_RE.sub(r"\g<key>" + REDACTED, text)
-    return _SECRET_LINE_RE.sub(r"\g<key>" + REDACTED, text)
-
-
-def _redact_obj(obj: Any, secrets: tuple[list[str], set[str]]) -> Any:
-    if isinstance(obj, str):
-        return _redact_str(obj, secrets)
-    if isinstance(obj, PurePath):
-        return _redact_str(str(obj), secrets)
-    if isinstance(obj, Mapping):
-        out: dict[Any, Any] = {}
-        for key, value in obj.items():
-            new_key = _redact_str(key, secrets) if isinstance(key, str) else key
-            if (
-                isinstance(key, str)
-                and _SECRET_KEY_RE.search(key)
-                and not isinstance(value, (Mapping, list, tuple))
-                and value is not None
-            ):
-                out[new_key] = REDACTED
-            else:
-                out[new_key] = _redact_obj(value, secrets)
-        return out
-    if isinstance(obj, tuple):
-        return tuple(_redact_obj(v, secrets) for v in obj)
-    if isinstance(obj, (list, set, frozenset)):
-        return [_redact_obj(v, secrets) for v in obj]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _redact_obj(dataclasses.asdict(obj), secrets)
-    return obj
-
-
-def redact(obj: Any) -> Any:
-    """Return ``obj`` with credentials replaced by ``"***"``.
-
-    Strings (also inside dicts, lists, tuples, paths, dataclasses) lose: any occurrence of the value of
-    a secret environment variable (``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
-    ``AWS_ACCESS_KEY_ID``, ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``, ``*_TOKEN``,
-    ``*SECRET*``, ``*_PASSWORD``, ...), URL userinfo (``s3://key:secret@bucket`` ->
-    ``s3://***@bucket``), secret-looking query parameters (``?X-Amz-Signature=...``) and the values of
-    mapping keys / ``key: value`` lines named like a secret (``password``, ``token``, ``access_key``).
-    Dataclasses and sets come back as dicts and lists; other objects are returned unchanged.
-    """
-    return _redact_obj(obj, _secret_values())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Params, keys and values
-# ----------------------------------------------------------------------------------------------------
-
-_KEY_BAD_CHARS_RE = re.compile(r"[^\w.\- ]")
-
-
-def _safe_key(key: str) -> str:
-    """An MLflow-valid param/metric/tag key: [A-Za-z0-9_.- ], not '.'/'..', at most 250 chars."""
-    key = _KEY_BAD_CHARS_RE.sub("_", str(key)).strip() or "_"
-    if key in (".", ".."):
-        key = "_"
-    if len(key) > MAX_KEY_CHARS:
-        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-        key = f"{key[: MAX_KEY_CHARS - 9]}_{digest}"
-    return key
-
-
-def _truncate(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` chars, with a marker saying how long it was."""
-    if len(text) <= limit:
-        return text
-    marker = f"...[truncated, {len(text)} chars]"
-    return text[: limit - len(marker)] + marker
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, PurePath):
-        return str(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=str)
-    if isinstance(obj, bytes):
-        return f"<{len(obj)} bytes>"
-    return str(obj)
-
-
-def _value_str(value: Any) -> str:
-    """Param/tag text of one value: strings as is, scalars and lists as JSON."""
-    if isinstance(value, str):
-        return value
-    if hasattr(value, "item") and not hasattr(value, "__len__"):  # numpy scalar
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    try:
-        return json.dumps(value, default=_json_default, allow_nan=True)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
-    """Flatten nested mappings into ``{"a.b.c": "value"}``; lists become JSON strings.
-
-    Values are redacted and truncated to MLflow's param limit (6000 chars); keys are made MLflow-safe.
-    """
-    secrets = _secret_values()
-    out: dict[str, str] = {}
-
-    def walk(node: Any, path: str) -> None:
-        if isinstance(node, Mapping) and node:
-            for key, value in node.items():
-                walk(value, f"{path}.{key}" if path else str(key))
-            return
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            walk(dataclasses.asdict(node), path)
-            return
-        key = _safe_key(path or "value")
-        if (
-            _SECRET_KEY_RE.search(path.rsplit(".", 1)[-1])
-            and node is not None
-            and not isinstance(node, (list, tuple, Mapping))
-        ):
-            out[key] = REDACTED
-            return
-        text = _value_str(_redact_obj(node, secrets))
-        out[key] = _truncate(_redact_str(text, secrets), MAX_PARAM_VALUE_CHARS)
-
-    walk(obj, prefix)
-    return out
-
-
-def _flatten_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in values.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(_flatten_metrics(value, path))
-            continue
-        try:
-            out[_safe_key(path)] = float(value)
-        except (TypeError, ValueError):
-            log.warning("tracking: metric %r is not a number (%r); not logged", path, type(value).__name__)
-    return out
-
-
-def _json_text(obj: Any) -> str:
-    """Redacted, indented JSON text of ``obj``."""
-    secrets = _secret_values()
-    text = json.dumps(_redact_obj(obj, secrets), indent=2, default=_json_default, allow_nan=True)
-    return _redact_str(text, secrets)
-
-
-# ----------------------------------------------------------------------------------------------------
-# URLs and the default store
-# ----------------------------------------------------------------------------------------------------
-
-
-def _local_path(url: str | PurePath) -> Path | None:
-    """The local path of ``url`` (plain path or file:// URL), or None for a remote URL."""
-    text = str(url)
-    parts = urlsplit(text)
-    if parts.scheme == "file":
-        return Path(unquote(parts.path))
-    if parts.scheme == "" or (len(parts.scheme) == 1 and text[1:2] == ":"):  # also C:\ paths
-        return Path(text)
-    return None
-
-
-def normalize_output_url(output_url: str | PurePath) -> str:
-    """Absolute resolved path for local outputs, URL without trailing '/' otherwise (not redacted)."""
-    local = _local_path(output_url)
-    if local is not None:
-        return str(local.expanduser().resolve())
-    text = str(output_url)
-    stripped = text.rstrip("/")
-    return stripped if "://" in stripped and not stripped.endswith(":") else text
-
-
-def resolve_tracking_uri(tracking_uri: str | None, output_url: str | PurePath) -> str:
-    """The tracking URI used: explicit > ``MLFLOW_TRACKING_URI`` > SQLite under the output folder
-    (local output) > SQLite in the current directory (remote output)."""
-    if tracking_uri:
-        return tracking_uri
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env_uri:
-        return env_uri
-    local = _local_path(output_url)
-    folder = local.expanduser().resolve() if local is not None else Path.cwd().resolve()
-    return f"sqlite:///{folder / DB_FILENAME}"
-
-
-def _sqlite_file(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:///path`` URI (None for other URIs and in-memory SQLite)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return Path(path).resolve()
-
-
-def _artifact_location(tracking_uri: str) -> str | None:
-    """Artifact root for a new experiment: next to a SQLite file (``mlartifacts/``), else the store's."""
-    db = _sqlite_file(tracking_uri)
-    return (db.parent / ARTIFACTS_DIRNAME).as_uri() if db is not None else None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Environment description
-# ----------------------------------------------------------------------------------------------------
-
-_ENV_TAGS_CACHE: dict[str, str] | None = None
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git_info() -> dict[str, str]:
-    """Commit (and dirty flag) of the git checkout holding this package, if any."""
-    pkg_dir = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(
-                ["git", "-C", str(pkg_dir), *args], capture_output=True, text=True, timeout=5, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    # Only trust the repository if it actually tracks this package (not e.g. a venv inside a repo).
-    if git("ls-files", "--error-unmatch", "__init__.py") is None:
-        return {}
-    commit = git("rev-parse", "HEAD")
-    if not commit:
-        return {}
-    info = {"drrfarm.git_commit": commit, "mlflow.source.git.commit": commit}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    if status is not None:
-        info["drrfarm.git_dirty"] = "true" if status else "false"
-    return info
-
-
-def environment_tags() -> dict[str, str]:
-    """Versions and hardware of the driver: drrfarm, git commit, Python, ray, pycuda, CUDA, torch, GPUs.
-
-    Cached per process. GPU names come from ``torch.cuda`` when it sees GPUs (the driver may have none;
-    the farm can add the workers' GPUs with :meth:`Tracker.log_tags`).
-    """
-    global _ENV_TAGS_CACHE
-    if _ENV_TAGS_CACHE is not None:
-        return dict(_ENV_TAGS_CACHE)
-    import drrfarm
-
-    tags: dict[str, str] = {
-        "drrfarm.version": str(getattr(drrfarm, "__version__", "unknown")),
-        "python.version": platform.python_version(),
-        "python.implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-    }
-    tags.update(_git_info())
-    for dist in ("ray", "pycuda", "torch", "mlflow", "mlflow-skinny", "numpy"):
-        version = _dist_version(dist)
-        if version:
-            tags[f"{dist}.version"] = version
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.version.cuda:
-            tags["cuda.version"] = str(torch.version.cuda)
-        if torch.cuda.is_available():
-            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            tags["gpu.count"] = str(len(names))
-            tags["gpu.names"] = json.dumps(names)
-    if "pycuda.version" in tags:
-        with contextlib.suppress(Exception):
-            import pycuda.driver as cuda_driver
-
-            tags["cuda.driver_version"] = str(cuda_driver.get_driver_version())
-            tags["pycuda.cuda_version"] = ".".join(str(v) for v in cuda_driver.get_version())
-    tags.setdefault("gpu.names", "[]")
-    _ENV_TAGS_CACHE = tags
-    return dict(tags)
-
 
 # ----------------------------------------------------------------------------------------------------
 # MLflow HTTP settings, only while the tracker talks to MLflow
@@ -600,7 +237,7 @@ class MlflowTracker(Tracker):
         self._experiment = experiment or DEFAULT_EXPERIMENT
         self._tracking_uri = tracking_uri
         self._output_url = normalize_output_url(output_url)
-        self._output_url_tag = _truncate(redact(self._output_url), MAX_TAG_VALUE_CHARS)
+        self._output_url_tag = truncate(redact(self._output_url), MAX_TAG_VALUE_CHARS)
         self._spec_sha256 = str(spec_sha256)
         self._http_env = {
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # our buffer is the retry loop
@@ -671,7 +308,7 @@ class MlflowTracker(Tracker):
                         "tracking: cannot read spec file %s (%s); logging the parsed spec", redact(str(spec_path)), exc
                     )
                     name = Path(name).stem + ".json"
-            text = _json_text(spec_dict) if text is None else redact(text)
+            text = json_text(spec_dict) if text is None else redact(text)
             ops.append(_Op("artifact", ("spec", name, text.encode("utf-8")), f"spec/{name}"))
             return ops
 
@@ -699,12 +336,12 @@ class MlflowTracker(Tracker):
                 name = str(vol.get("volume_id") or vol.get("name") or _uri_name(uri) or f"volume-{i}")
                 datasets.append(
                     {
-                        "name": _truncate(name, 500),
+                        "name": truncate(name, 500),
                         "digest": sha[:32] or hashlib.sha256(uri.encode()).hexdigest()[:32],
                         "source_type": _source_type(uri),
                         "source": json.dumps({"uri": uri}),
                         "profile": json.dumps(
-                            {"sha256": sha, "shape": shape, "spacing_mm": spacing, "index": i}, default=_json_default
+                            {"sha256": sha, "shape": shape, "spacing_mm": spacing, "index": i}, default=json_default
                         ),
                         "sha256": sha,
                     }
@@ -720,7 +357,7 @@ class MlflowTracker(Tracker):
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         def build() -> list[_Op]:
-            values = _flatten_metrics(metrics)
+            values = flatten_metrics(metrics)
             if not values:
                 return []
             ts_ms = int(time.time() * 1000)
@@ -759,7 +396,7 @@ class MlflowTracker(Tracker):
                     status_u = "FAILED"
                 if manifest_json is not None:
                     ops.append(
-                        _Op("artifact", (None, "manifest.json", _json_text(manifest_json).encode()), "manifest.json")
+                        _Op("artifact", (None, "manifest.json", json_text(manifest_json).encode()), "manifest.json")
                     )
                 if contact_sheet_png:
                     png = bytes(contact_sheet_png)
@@ -768,7 +405,7 @@ class MlflowTracker(Tracker):
                     else:
                         self._warn("contact sheet is not PNG data; not logged")
                 if summary is not None:
-                    ops.append(_Op("artifact", (None, "summary.json", _json_text(summary).encode()), "summary.json"))
+                    ops.append(_Op("artifact", (None, "summary.json", json_text(summary).encode()), "summary.json"))
                 ops.append(_Op("tags", {"drrfarm.status": status_u}, "status tag"))
                 ops.append(_Op("terminate", status_u, f"end run ({status_u})"))
                 for op in ops:
@@ -785,11 +422,11 @@ class MlflowTracker(Tracker):
     # -- internals ----------------------------------------------------------------------------------
 
     def _tag_dict(self, tags: Mapping[str, Any]) -> dict[str, str]:
-        secrets = _secret_values()
+        secrets = secret_values()
         out = {}
         for key, value in dict(tags or {}).items():
-            text = REDACTED if _SECRET_KEY_RE.search(str(key)) else _value_str(_redact_obj(value, secrets))
-            out[_safe_key(_redact_str(str(key), secrets))] = _truncate(_redact_str(text, secrets), MAX_TAG_VALUE_CHARS)
+            text = REDACTED if SECRET_KEY_RE.search(str(key)) else value_str(redact_obj(value, secrets))
+            out[safe_key(redact_str(str(key), secrets))] = truncate(redact_str(text, secrets), MAX_TAG_VALUE_CHARS)
         return out
 
     def _warn(self, msg: str, *args: Any) -> None:
@@ -936,7 +573,7 @@ class MlflowTracker(Tracker):
         if exp is None:
             try:
                 return str(
-                    client.create_experiment(self._experiment, artifact_location=_artifact_location(self._tracking_uri))
+                    client.create_experiment(self._experiment, artifact_location=artifact_location(self._tracking_uri))
                 )
             except MlflowException as exc:  # created meanwhile by someone else
                 if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
@@ -973,7 +610,7 @@ class MlflowTracker(Tracker):
 
     def _ensure_run(self) -> None:
         """Find (resume) or create the run of this spec + output; log the dataset location."""
-        db = _sqlite_file(self._tracking_uri)
+        db = sqlite_file(self._tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
         client = self._get_client()
@@ -991,7 +628,7 @@ class MlflowTracker(Tracker):
             tags = {SPEC_SHA_TAG: self._spec_sha256, OUTPUT_URL_TAG: self._output_url_tag}
             with contextlib.suppress(Exception):
                 tags["mlflow.user"] = getpass.getuser()
-            name = _safe_key(f"{_uri_name(self._output_url) or 'sweep'}-{self._spec_sha256[:8]}")
+            name = safe_key(f"{_uri_name(self._output_url) or 'sweep'}-{self._spec_sha256[:8]}")
             run = client.create_run(experiment_id, tags=tags, run_name=name)
             run_id = run.info.run_id
             self._known_params = {}
@@ -1007,7 +644,7 @@ class MlflowTracker(Tracker):
         self._run_id = run_id
         # First in line, sent by the caller's flush (a failure there no longer re-resolves the run).
         self._pending.appendleft(
-            _Op("artifact", (None, "dataset_location.json", _json_text(location).encode()), "dataset_location.json")
+            _Op("artifact", (None, "dataset_location.json", json_text(location).encode()), "dataset_location.json")
         )
         log.info(
             "tracking: %s MLflow run %s in experiment %r at %s",
@@ -1189,11 +826,5 @@ __all__ = [
     "MlflowTracker",
     "NullTracker",
     "Tracker",
-    "environment_tags",
-    "flatten_params",
-    "is_secret_env_name",
-    "normalize_output_url",
     "open_tracker",
-    "redact",
-    "resolve_tracking_uri",
 ]
