@@ -76,6 +76,27 @@ def prune_entries(manifest: Manifest, flts: Sequence[Mapping[str, list[Any]]]) -
     return entries
 
 
+def reader_filters(flt: FilterSpec | None, volume_ids: Iterable[str] | None,
+                   schema: pa.Schema) -> tuple[list[dict[str, list[Any]]], Any]:
+    """The filter of a plain-pyarrow reader (a dict or a ``pyarrow.compute.Expression``; the torch datasets,
+    :func:`~drrfarm.data.read_metadata`) and its ``volume_ids``, as (the dict filters, to prune the manifest
+    with; their AND with the expression as one pyarrow expression, None to keep every row)."""
+    dict_filters: list[dict[str, list[Any]]] = []
+    arrow_filter = None
+    if isinstance(flt, Mapping):
+        dict_filters.append(check_filter_dict(flt, schema))
+    elif flt is not None:
+        if not is_arrow_expression(flt):
+            raise StorageError("filter: the torch datasets take a dict or a pyarrow.compute.Expression")
+        arrow_filter = flt
+    if volume_ids is not None:
+        dict_filters.append({"volume_id": [str(v) for v in volume_ids]})
+    for d in dict_filters:
+        e = arrow_expression(d)
+        arrow_filter = e if arrow_filter is None else arrow_filter & e
+    return dict_filters, arrow_filter
+
+
 def to_arrow_filter(flt: Any) -> Any:
     """A Ray Data expression (or expression string) as a pyarrow expression; None if it has no such form."""
     try:

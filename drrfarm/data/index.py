@@ -10,7 +10,7 @@ import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,17 +24,12 @@ from drrfarm.data.columns import (
     select_columns,
 )
 from drrfarm.data.dataset import committed_manifest, file_metadata, open_dataset_store, shard_schema
-from drrfarm.data.filters import (
-    FilterSpec,
-    arrow_expression,
-    check_filter_dict,
-    filter_mask,
-    is_arrow_expression,
-    prune_entries,
-)
-from drrfarm.errors import StorageError
+from drrfarm.data.filters import FilterSpec, filter_mask, prune_entries, reader_filters
 from drrfarm.sinks.dataset import arrow_filesystem
 from drrfarm.sinks.store import Store
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -60,9 +55,6 @@ class DrrIndex:
         storage_options: Mapping[str, Any] | None,
         cache_row_groups: int,
     ) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         self.store = open_dataset_store(url, storage_options)
         self.url = self.store.url
         manifest = committed_manifest(self.store)
@@ -73,24 +65,30 @@ class DrrIndex:
         self.columns = select_columns(schema, columns)
         self.pixel_columns = [c for c in self.columns if c in PIXEL_COLUMNS]
 
-        dict_filters: list[dict[str, list[Any]]] = []
-        arrow_filter = None
-        if isinstance(filter, Mapping):
-            dict_filters.append(check_filter_dict(filter, schema))
-        elif filter is not None:
-            if not is_arrow_expression(filter):
-                raise StorageError("filter: the torch datasets take a dict or a pyarrow.compute.Expression")
-            arrow_filter = filter
-        if volume_ids is not None:
-            dict_filters.append({"volume_id": [str(v) for v in volume_ids]})
-        for d in dict_filters:
-            e = arrow_expression(d)
-            arrow_filter = e if arrow_filter is None else arrow_filter & e
-
+        dict_filters, arrow_filter = reader_filters(filter, volume_ids, schema)
         entries = prune_entries(manifest, dict_filters)
         self.paths: list[str] = [self.store.path(k) for e in entries for k in e.keys_of("parquet")]
         self._keys: list[str] = [k for e in entries for k in e.keys_of("parquet")]
         meta_cols = [n for n in schema.names if n != IMAGE and n not in PIXEL_COLUMNS]
+        groups, meta = self._scan(meta_cols, arrow_filter)
+        self.groups = groups
+        self.n = sum(len(g.rows) for g in groups)
+        self.meta: dict[str, np.ndarray] = (
+            {c: column_to_numpy(c, meta.column(c)) for c in self.columns if c not in PIXEL_COLUMNS}
+            if meta is not None else {}
+        )
+        self._group_starts = np.array([g.first for g in groups] + [self.n], np.int64)
+        self._cache: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._fs: Any = None
+        self._fs_pid = os.getpid()
+
+    def _scan(self, meta_cols: Sequence[str], arrow_filter: Any) -> tuple[list[RowGroup], pa.Table | None]:
+        """The row groups holding kept rows, in dataset order, and the kept rows' metadata columns (one table;
+        None without files): every file's metadata columns are read once, no pixels."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         tables = []
         groups: list[RowGroup] = []
         first = 0
@@ -108,18 +106,7 @@ class DrrIndex:
                     first += len(rows)
                 start += size
             tables.append(tab.filter(pa.array(mask)))
-        self.groups = groups
-        self.n = first
-        meta = pa.concat_tables(tables, promote_options="permissive") if tables else None
-        self.meta: dict[str, np.ndarray] = (
-            {c: column_to_numpy(c, meta.column(c)) for c in self.columns if c not in PIXEL_COLUMNS}
-            if meta is not None else {}
-        )
-        self._group_starts = np.array([g.first for g in groups] + [first], np.int64)
-        self._cache: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self._fs: Any = None
-        self._fs_pid = os.getpid()
+        return groups, (pa.concat_tables(tables, promote_options="permissive") if tables else None)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
