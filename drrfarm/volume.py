@@ -35,6 +35,7 @@ from typing import Any, TypeAlias
 import numpy as np
 
 from drrfarm.errors import MaterialError, VolumeError
+from drrfarm.inputs import resolve_input
 
 log = logging.getLogger(__name__)
 
@@ -571,9 +572,10 @@ def load_volume(path_or_url: PathLike, *, series_uid: str | None = None) -> Volu
 
     ``path_or_url`` may be a local path or any fsspec URL (``s3://``, ``file://``, ``memory://``, ...);
     URLs are read into memory. Nothing is ever written next to the input. ``series_uid`` selects one
-    series when a DICOM folder holds several. Input names such as ``sample:chest_ct`` are resolved by
-    :func:`drrfarm.inputs.resolve_input` (as :func:`drrfarm.api.load_ct` does).
+    series when a DICOM folder holds several. ``sample:chest_ct`` names the sample CT (resolved by
+    :func:`drrfarm.inputs.resolve_input`, the one place that knows input names).
     """
+    path_or_url = resolve_input(path_or_url)
     raw = _read_raw(path_or_url, series_uid=series_uid)
     hu = np.ascontiguousarray(raw.data, dtype=np.float32)
     if hu is raw.data and not (raw.owned and hu.flags.writeable):

@@ -582,11 +582,12 @@ def test_torch_iterable_batches_workers_and_floats(uint16_ds):
 
 
 def test_read_tasks_follow_files_row_groups_and_cpus(uint16_ds):
-    from drrfarm.data import _committed, open_dataset_store, plan_read_tasks
+    from drrfarm.data import open_dataset_store, plan_read_tasks
+    from drrfarm.data.dataset import committed_manifest
 
     url, written = uint16_ds
     store = open_dataset_store(url)
-    entries = list(_committed(store).values())  # 6 shards of 6 rows, row groups of 4 + 2
+    entries = list(committed_manifest(store).values())  # 6 shards of 6 rows, row groups of 4 + 2
     per_file = plan_read_tasks(store, entries, cpus=2)  # 6 files >= 2 x 2 CPUs: a task per file
     assert len(per_file) == 6 and all(len(t) == 1 and t[0].row_groups is None for t in per_file)
     per_group = plan_read_tasks(store, entries, cpus=16)  # fewer files than 2 x 16 CPUs: a task per row group

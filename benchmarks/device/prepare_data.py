@@ -2,7 +2,7 @@
 
 * ``.device/data/tables.npz``: detector tables (μ/ρ from xraydb, spectra from SpekPy) for the chest CT's
   materials, the test phantoms' materials and the benchmark's mono volume;
-* ``.device/cache/lidc-idri-0001/``: the sample chest CT, as :func:`drrfarm.samples.chest_ct` caches it
+* ``.device/cache/lidc-idri-0001/``: the sample chest CT, as :func:`drrfarm.samples.downloads.chest_ct` caches it
   (point ``DRRFARM_CACHE`` at ``.device/cache`` on the host);
 * ``.device/wheels/``: pycuda and its pure-Python dependencies, nibabel, nanodrr, roma.
 

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from drrfarm.data.columns import IMAGE, decode_table, select_columns
+from drrfarm.data.splits import volume_split
 from drrfarm.errors import BackendError, SpecError, StorageError
 from drrfarm.farm.plan import WARM_POSES, Plan, make_plan
 from drrfarm.farm.spec import BACKENDS, SweepSpec, load_spec
@@ -170,8 +172,6 @@ def _known_columns(spec: SweepSpec, plan: Plan) -> set[str] | None:
 
 
 def _check_columns(columns: Sequence[str] | str | None, known: set[str] | None) -> None:
-    from drrfarm.data import IMAGE
-
     if columns is None or known is None or columns == "all":
         return
     names = [columns] if isinstance(columns, str) else list(columns)
@@ -273,11 +273,10 @@ def shard_rows(shard: RenderedRows, image_dtype: str, columns: Sequence[str] | s
     """A rendered shard as the batch of rows :func:`drrfarm.data.read_drrs` reads from the stored shard:
     ``image`` (B, H, W) plus the metadata ``columns`` (numpy; :func:`drrfarm.data.decode_table`), rows in image
     order."""
-    from drrfarm.data import _select_columns, decode_table
     from drrfarm.sinks.parquet import IMAGE_CODEC_COLUMN
 
     tab = shard_table(shard, image_dtype)
-    out = decode_table(tab, _select_columns(tab.schema, columns), float_line_integral=float_line_integral)
+    out = decode_table(tab, select_columns(tab.schema, columns), float_line_integral=float_line_integral)
     if IMAGE_CODEC_COLUMN in out:  # what the stored shard holds (the stream's own bytes were raw)
         out[IMAGE_CODEC_COLUMN] = np.full(tab.num_rows, stored_codec(image_dtype), dtype=object)
     return out
@@ -484,8 +483,6 @@ def stream_split_by_volume(
     splits the stored sweep (:func:`drrfarm.data.volume_split`: the same volumes on each side), both rendered by
     one set of actors (``stream_kwargs``: those of :func:`stream_drrs` but ``volume_ids``). The val dataset is
     empty when the spec has a single volume."""
-    from drrfarm.data import volume_split
-
     if "volume_ids" in stream_kwargs:
         raise TypeError("stream_split_by_volume: volume_ids is the split's to choose")
     unknown = set(stream_kwargs) - {"float_line_integral", "actors", "backend", "gpus_per_actor", "cpus_per_actor",

@@ -56,7 +56,8 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
 
 def cache_root() -> Path:
-    """drrfarm's cache folder: ``$DRRFARM_CACHE`` or ``~/.cache/drrfarm`` (as :func:`drrfarm.samples.cache_dir`)."""
+    """drrfarm's cache folder: ``$DRRFARM_CACHE`` or ``~/.cache/drrfarm`` (as
+    :func:`drrfarm.samples.downloads.cache_dir`)."""
     env = os.environ.get("DRRFARM_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "drrfarm"
 
