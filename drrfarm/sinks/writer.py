@@ -28,13 +28,13 @@ import numpy as np
 from drrfarm import __version__
 from drrfarm.errors import DrrfarmError, StorageError
 from drrfarm.sinks import manifest as _manifest
+from drrfarm.sinks import parquet as _parquet  # encode_parquet looked up per call (tests swap the codec)
 from drrfarm.sinks.annotations import parquet_cells, png_files, split_pixel_fields
 from drrfarm.sinks.manifest import ShardEntry
 from drrfarm.sinks.parquet import (
     IMAGE_ZSTD_LEVEL,
     VECTOR_LENGTHS,
     DeltaPlanes,
-    encode_parquet,
     is_float_vector,
 )
 from drrfarm.sinks.png import encode_png16, png_keys, sidecar_json
@@ -236,7 +236,7 @@ class ShardSink:
         files: dict[str, bytes] = {}
         if "parquet" in self.formats:
             parquet_rows = [{**row, **parquet_cells(f)} for row, f in zip(norm, pixel_fields, strict=True)]
-            files[parquet_key(shard_id)] = encode_parquet(
+            files[parquet_key(shard_id)] = _parquet.encode_parquet(
                 stored, parquet_rows, meta, rows_per_row_group=self.rows_per_row_group,
                 compression=self.parquet_compression, compression_level=self.parquet_compression_level,
                 executor=executor,
