@@ -26,7 +26,7 @@ import numpy as np
 
 from drrfarm.errors import GeometryError, MeshError, PhysicsError, VolumeError
 from drrfarm.geometry import Camera
-from drrfarm.meshes import Mesh
+from drrfarm.meshes import BUILTIN_TOOLS, Mesh
 from drrfarm.physics import Physics
 from drrfarm.volume import MaterialVolume, Volume
 
@@ -92,9 +92,7 @@ def tool_mesh(kind: str, **options: Any) -> Mesh:
     ``mesh.posed(world_from_mesh)`` ((4, 4) rigid, world mm) or ``mesh.aligned(tip_world_mm,
     base_world_mm, advance_mm, twist_deg)``; :meth:`Renderer.to_world` maps CT (RAS) points to world.
     """
-    from drrfarm.farm.spec_scene import builtin_tools
-
-    makers = builtin_tools()
+    makers = BUILTIN_TOOLS
     if kind not in makers:
         raise MeshError(f"kind: unknown tool {kind!r}; choose one of {', '.join(TOOLS)} (or load_mesh(path, material))")
     try:

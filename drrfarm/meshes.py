@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 from drrfarm.errors import DrrfarmError, MeshError
 
 __all__ = [
+    "BUILTIN_TOOLS",
     "MODES",
     "Mesh",
     "MeshError",
@@ -586,3 +588,8 @@ def sample_tool_pose(
     adv = _draw(advance_mm, rng, "advance_mm")
     tw = _draw(twist_deg, rng, "twist_deg")
     return mesh.aligned(tip, tip - length * w, adv, tw)
+
+
+#: Built-in tool shapes (a sweep spec's ``tools[].mesh``, :func:`drrfarm.api.tool_mesh`): name -> generator.
+BUILTIN_TOOLS: dict[str, Callable[..., Mesh]] = {"kwire": kwire_mesh, "screw": screw_mesh,
+                                                 "cylinder": cylinder_mesh}

@@ -21,6 +21,9 @@ import numpy as np
 
 from drrfarm.errors import BackendError
 
+#: Backend names :func:`get_backend` takes (``auto``: CUDA when a GPU is present, else the CPU).
+BACKENDS = ("auto", "cpu", "cuda")
+
 
 class Backend(Protocol):
     """What the farm and the CLI need from a renderer."""
