@@ -20,7 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 EXAMPLES = sorted((DOCS / "examples").glob("*.md"))
-SPEC_SOURCES = (ROOT / "drrfarm" / "farm" / "spec.py", ROOT / "drrfarm" / "farm" / "spec_scene.py")
+SPEC_SOURCES = (ROOT / "drrfarm" / "farm" / "spec.py", ROOT / "drrfarm" / "farm" / "spec_scene.py",
+                ROOT / "drrfarm" / "farm" / "validator.py")
 
 _PYTHON_BLOCK_RE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
