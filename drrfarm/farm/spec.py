@@ -54,6 +54,7 @@ from drrfarm.physics import (
     METHODS,
     OUTPUTS,
     SCATTER_MODES,
+    Physics,
 )
 from drrfarm.render import BACKENDS
 from drrfarm.sinks.parquet import IMAGE_DTYPES
@@ -240,14 +241,14 @@ class SpectraSpec:
 @dataclass(frozen=True)
 class DetectorSpec:
     """Detector and noise: ``photons`` is the list of photon counts per pixel (unattenuated) to
-    sweep; ``None`` in it means noiseless."""
+    sweep; ``None`` in it means noiseless. Defaults: those of :class:`~drrfarm.physics.Physics`."""
 
-    model: str = "ideal"
-    output: str = "line_integral"
+    model: str = Physics.detector
+    output: str = Physics.output
     photons: tuple[int | None, ...] = (None,)
-    electronic_noise: float = 0.0
-    solid_angle: bool = False
-    csi_thickness_mm: float = 0.6
+    electronic_noise: float = Physics.electronic_noise
+    solid_angle: bool = Physics.solid_angle
+    csi_thickness_mm: float = Physics.csi_thickness_mm
 
 
 @dataclass(frozen=True)
@@ -261,19 +262,19 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class PhysicsSpec:
-    """Ray-marching options."""
+    """Ray-marching options (defaults: those of :class:`~drrfarm.physics.Physics`)."""
 
-    step_voxels: float = 0.5
-    method: str = "trilinear"
+    step_voxels: float = Physics.step_voxels
+    method: str = Physics.method
 
 
 @dataclass(frozen=True)
 class ScatterSpec:
     """X-ray scatter added to every image (:mod:`drrfarm.scatter`)."""
 
-    mode: str = "none"  # none | fast | monte_carlo
+    mode: str = Physics.scatter  # one of drrfarm.physics.SCATTER_MODES
     photons: int | None = None  # Monte Carlo histories per image; None: the mode's default for the backend
-    bins: int = 64  # longest side of the Monte Carlo's tally grid
+    bins: int = Physics.scatter_bins  # longest side of the Monte Carlo's tally grid
 
 
 @dataclass(frozen=True)
@@ -529,10 +530,10 @@ class SpecValidator(Validator):
             vid = self.string(m["id"], join(p, "id")) if "id" in m else _default_volume_id(raw_path)
             if not _ID_RE.match(vid):
                 self.fail(join(p, "id"), f"volume id {brief(vid)} must be 1-64 characters of letters, digits, "
-                                           "'_', '.', '-' (starting with a letter or digit)")
+                                          "'_', '.', '-' (starting with a letter or digit)")
             if vid in seen:
                 self.fail(join(p, "id"), f"duplicate volume id {brief(vid)} (also volumes[{seen[vid]}]); "
-                                           "give each volume a unique id")
+                                          "give each volume a unique id")
             seen[vid] = i
             materials = self.materials(m.get("materials", {}), join(p, "materials"))
             placement = self.placement(m.get("placement", {}), join(p, "placement"))
@@ -633,19 +634,19 @@ class SpecValidator(Validator):
                               "(or set enforce_limits: false)")
                 if amin is not None and amin < lo:
                     self.fail(join(path, name), f"{amin:g} is outside the C-arm range [{lo:g}, {hi:g}] "
-                                                 "(set enforce_limits: false to allow it)")
+                                                "(set enforce_limits: false to allow it)")
                 if amax is not None and amax > hi:
                     self.fail(join(path, name), f"{amax:g} is outside the C-arm range [{lo:g}, {hi:g}] "
-                                                 "(set enforce_limits: false to allow it)")
+                                                "(set enforce_limits: false to allow it)")
         if samples > 1 and not carm.is_random:
             self.fail(join(path, "samples"), "samples > 1 needs a random axis (uniform/normal) or "
-                                              "iso_jitter_mm; otherwise every sample is the same pose")
+                                             "iso_jitter_mm; otherwise every sample is the same pose")
         # sid < sdd must hold for every pose; check bounds where they are known up front
         sdd_lo = _axis_min(axes["sdd_mm"])
         sid_hi = _axis_max(axes["sid_mm"])
         if sdd_lo is not None and sid_hi is not None and sid_hi >= sdd_lo:
             self.fail(join(path, "sid_mm"), f"source-isocentre distance (up to {sid_hi:g} mm) must be below the "
-                                             f"source-detector distance (from {sdd_lo:g} mm)")
+                                            f"source-detector distance (from {sdd_lo:g} mm)")
         return carm
 
     def explicit(self, value: Any, path: str) -> ExplicitPoses:

@@ -188,7 +188,7 @@ def tool_pose(v: Validator, value: Any, path: str, has_axis: bool) -> ToolPose:
             v.fail(join(path, key), "required with a trajectory")
     if not has_axis:
         v.fail(join(path, "tip_mm"), "a trajectory needs a linear tool (a built-in, or a mesh file with "
-                                      "model_tip_mm and model_base_mm)")
+                                     "model_tip_mm and model_base_mm)")
     tip = v.vec3(m["tip_mm"], join(path, "tip_mm"))
     base = v.vec3(m["base_mm"], join(path, "base_mm"))
     if tip == base:
@@ -226,7 +226,7 @@ def tools(v: Validator, value: Any, path: str) -> tuple[ToolSpec, ...]:
         name = v.string(m.get("name", mesh), join(p, "name"))
         if not _TOOL_NAME_RE.match(name):
             v.fail(join(p, "name"), f"tool name {name!r} must be 1-64 letters, digits, '_', '.', '-' "
-                                     "(starting with a letter)")
+                                    "(starting with a letter)")
         if name in seen:
             v.fail(join(p, "name"), f"duplicate tool name {name!r}; give each tool a unique name")
         seen.add(name)
@@ -250,7 +250,7 @@ def tools(v: Validator, value: Any, path: str) -> tuple[ToolSpec, ...]:
         else:
             if not mesh.lower().endswith(MESH_SUFFIXES):
                 v.fail(join(p, "mesh"), f"{mesh!r} is neither a built-in tool ({', '.join(BUILTIN_TOOLS)}) nor a "
-                                         f"mesh file ({', '.join(MESH_SUFFIXES)})")
+                                        f"mesh file ({', '.join(MESH_SUFFIXES)})")
             if "size" in m:
                 v.fail(join(p, "size"), "only for built-in tools; scale a mesh file with scale_to_mm")
             if "material" not in m:

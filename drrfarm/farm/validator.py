@@ -319,5 +319,5 @@ class Validator:
             clip = (c0, c1)
         elif lo is not None:
             self.fail(join(np_, "clip"), f"required for this parameter (values must stay {'>' if lo_open else '>='} "
-                                          f"{lo:g}); e.g. clip: [{max(lo, mean - 3 * std):g}, {mean + 3 * std:g}]")
+                                         f"{lo:g}); e.g. clip: [{max(lo, mean - 3 * std):g}, {mean + 3 * std:g}]")
         return AxisSpec("normal", mean=mean, std=std, clip=clip)
