@@ -113,8 +113,9 @@ def scaled_spec(path: Path, images: int | None, out_dir: Path, inflight: int | N
 
 def inprocess(spec: Any, n_images: int) -> dict[str, Any]:
     """Rate of the spec's first ``n_images`` through ``render_async`` alone, and the same-bytes check."""
+    from drrfarm.farm.compile import camera_for, load_material_volume, physics_for
     from drrfarm.farm.plan import make_plan
-    from drrfarm.farm.worker import RenderWorker, camera_for, load_material_volume, physics_for
+    from drrfarm.farm.worker import RenderWorker
     from drrfarm.physics import UINT16_SCALE
     from drrfarm.render.cuda import CudaBackend
     from drrfarm.sinks.writer import quantize

@@ -66,9 +66,9 @@ def write_spec(path: Path, ct: str, images: int, size: int, pixel_mm: float, sha
 
 def _bare_worker(args: tuple[str, list[int], Any]) -> tuple[int, float]:
     spec_path, shard_indices, barrier = args
+    from drrfarm.farm.compile import camera_for, load_material_volume, physics_for, spectrum_request
     from drrfarm.farm.plan import make_plan
     from drrfarm.farm.spec import load_spec
-    from drrfarm.farm.worker import camera_for, load_material_volume, physics_for, spectrum_request
     from drrfarm.render import get_backend
     from drrfarm.spectrum import get_spectrum
 

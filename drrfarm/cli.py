@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import drrfarm
+from drrfarm.drr import DEFAULT_PIXEL_MM, DEFAULT_SIZE_PX, DrrRequest, render_drr
 from drrfarm.errors import DrrfarmError
+from drrfarm.farm.spec_scene import POSE_FRAMES, parse_tools
+from drrfarm.geometry import CARM_SDD_MM, CARM_SID_MM, ORIENTATIONS
+from drrfarm.meshes import BUILTIN_TOOLS, MESH_SUFFIXES
+from drrfarm.meshes import MODES as TOOL_MODES
+from drrfarm.physics import DETECTORS, METHODS, OUTPUTS, SCATTER_MODES, Physics
+from drrfarm.render import BACKENDS
+from drrfarm.sinks.drr_file import output_paths, write_drr
+from drrfarm.spectrum import KVP_RANGE, describe, preset, tube_spectrum
 
 #: Modules that register their own sub-commands with ``add_commands(subparsers)``.
 COMMAND_MODULES = ("drrfarm.farm.commands", "drrfarm.sinks.commands")
@@ -107,8 +116,6 @@ def _named(items: list[Any]) -> list[Any]:
 
 
 def _add_tool_options(p: argparse.ArgumentParser) -> None:
-    from drrfarm.farm.spec_scene import BUILTIN_TOOLS, MESH_FILE_SUFFIXES, POSE_FRAMES, TOOL_MODES
-
     g = p.add_argument_group(
         "tools in the CT",
         "Each --tool adds one tool, an item of the sweep spec's tools: list (jobs/specs/example.yaml); "
@@ -116,7 +123,7 @@ def _add_tool_options(p: argparse.ArgumentParser) -> None:
         "(--tool-frame patient, the default) or the C-arm's world mm. Random draws need the inline form.")
     g.add_argument("--tool", dest="tools", action=_ToolAction, metavar="MESH", default=None,
                    help=f"a built-in tool ({', '.join(BUILTIN_TOOLS)}), a watertight mesh file "
-                        f"({', '.join(MESH_FILE_SUFFIXES)}; needs --tool-material), or a whole tools: item as inline "
+                        f"({', '.join(MESH_SUFFIXES)}; needs --tool-material), or a whole tools: item as inline "
                         "YAML, e.g. '{mesh: kwire, pose: {tip_mm: [0, 0, 0], base_mm: [0, -100, 0], advance_mm: "
                         "{uniform: [-20, 0]}}}'")
     keys: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
@@ -154,9 +161,6 @@ def _add_tool_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_render(sub: argparse._SubParsersAction) -> None:
-    from drrfarm.drr import DEFAULT_PIXEL_MM, DEFAULT_SIZE_PX
-    from drrfarm.physics import DETECTORS, METHODS, OUTPUTS, SCATTER_MODES
-
     p = sub.add_parser("render", help="render one DRR of a CT (NIfTI file or DICOM folder) to a 16-bit PNG")
     p.add_argument("ct", help="CT: .nii/.nii.gz, .nrrd, a DICOM series folder, or 'sample:chest_ct'")
     p.add_argument("-o", "--output-file", "--out", dest="out", required=True, help="output PNG path")
@@ -175,9 +179,9 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-table", default=None, help="CSV with columns label,material")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE_PX, help="detector size in pixels (square)")
     p.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM, help="detector pixel size, mm")
-    p.add_argument("--sdd-mm", type=float, default=1020.0, help="source-to-detector distance, mm")
-    p.add_argument("--sid-mm", type=float, default=530.0, help="source-to-isocentre distance, mm")
-    p.add_argument("--orientation", default="HFS", help="patient placement: HFS, FFS, HFP, FFP")
+    p.add_argument("--sdd-mm", type=float, default=CARM_SDD_MM, help="source-to-detector distance, mm")
+    p.add_argument("--sid-mm", type=float, default=CARM_SID_MM, help="source-to-isocentre distance, mm")
+    p.add_argument("--orientation", default="HFS", help=f"patient placement: {', '.join(ORIENTATIONS)}")
     p.add_argument("--output", dest="transform", default="line_integral", type=_choice(OUTPUTS),
                    metavar=_metavar(OUTPUTS), help="output transform (default: line-integral = log(I0/I))")
     p.add_argument("--detector", default="ideal", type=_choice(DETECTORS), metavar=_metavar(DETECTORS))
@@ -190,17 +194,13 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
                    help="add X-ray scatter (docs/scatter.md)")
     p.add_argument("--scatter-photons", type=int, default=None, help="Monte Carlo histories for --scatter")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--npy", action="store_true", help="also write the float32 image as .npy")
     _add_tool_options(p)
     p.set_defaults(handler=_run_render)
 
 
 def _run_render(args: argparse.Namespace) -> int:
-    from drrfarm.drr import DrrRequest, render_drr
-    from drrfarm.physics import Physics
-    from drrfarm.sinks.drr_file import output_paths, write_drr
-
     if args.kvp is not None:
         spectrum: str | dict = {"kvp": args.kvp, "al_mm": args.al_mm, "cu_mm": args.cu_mm}
     elif args.mono_kev is not None:
@@ -213,8 +213,6 @@ def _run_render(args: argparse.Namespace) -> int:
                       scatter_photons=args.scatter_photons)
     tools: tuple = ()
     if args.tools:
-        from drrfarm.farm.spec_scene import parse_tools
-
         tools = parse_tools(_named(args.tools), source="--tool")
     req = DrrRequest(ct=args.ct, alpha_deg=args.alpha, beta_deg=args.beta, gamma_deg=args.gamma,
                      spectrum=spectrum, labels=args.labels, label_table=args.label_table, size_px=args.size,
@@ -231,7 +229,7 @@ def _run_render(args: argparse.Namespace) -> int:
 def _add_spectrum(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("spectrum", help="print a tube spectrum's mean energy and first HVL")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--kvp", type=float, help="tube voltage (40-150 kV)")
+    group.add_argument("--kvp", type=float, help=f"tube voltage ({KVP_RANGE[0]:g}-{KVP_RANGE[1]:g} kV)")
     group.add_argument("--preset", help="60KV_AL35, 90KV_AL40 or 120KV_AL43 (SpekPy); deepdrr:<name> for DeepDRR's")
     p.add_argument("--al-mm", type=float, default=2.5)
     p.add_argument("--cu-mm", type=float, default=0.0)
@@ -240,8 +238,6 @@ def _add_spectrum(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_spectrum(args: argparse.Namespace) -> int:
-    from drrfarm.spectrum import describe, preset, tube_spectrum
-
     if args.preset:
         spectrum = preset(args.preset)
     else:

@@ -26,6 +26,10 @@ import numpy as np
 from drrfarm.errors import GeometryError
 
 __all__ = [
+    "CARM_ALPHA_RANGE_DEG",
+    "CARM_BETA_RANGE_DEG",
+    "CARM_SDD_MM",
+    "CARM_SID_MM",
     "ORIENTATIONS",
     "CArm",
     "Camera",
@@ -42,6 +46,13 @@ __all__ = [
 # Tolerance on ||R R^T - I||_max accepted for user-supplied rotations (they are then snapped to the
 # nearest rotation). Matrices typed with ~6 significant digits pass.
 _ORTHO_TOL = 1e-5
+
+#: C-arm defaults (DeepDRR's MobileCArm): source-detector and source-isocentre distances (mm) and the
+#: ranges of the orbital (alpha) and angular (beta) angles (degrees) a C-arm with ``enforce_limits`` reaches.
+CARM_SDD_MM = 1020.0
+CARM_SID_MM = 530.0
+CARM_ALPHA_RANGE_DEG = (-40.0, 110.0)
+CARM_BETA_RANGE_DEG = (-225.0, 225.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,14 +462,14 @@ class CArm:
     angles outside alpha_range_deg / beta_range_deg raise GeometryError.
     """
 
-    sdd_mm: float = 1020.0
-    sid_mm: float = 530.0
+    sdd_mm: float = CARM_SDD_MM
+    sid_mm: float = CARM_SID_MM
     height: int = 1536
     width: int = 1536
     pixel_mm: float = 0.194
     isocentre_world_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    alpha_range_deg: tuple[float, float] = (-40.0, 110.0)
-    beta_range_deg: tuple[float, float] = (-225.0, 225.0)
+    alpha_range_deg: tuple[float, float] = CARM_ALPHA_RANGE_DEG
+    beta_range_deg: tuple[float, float] = CARM_BETA_RANGE_DEG
     enforce_limits: bool = field(default=True)
 
     def __post_init__(self) -> None:

@@ -589,3 +589,8 @@ def sample_tool_pose(
     adv = _draw(advance_mm, rng, "advance_mm")
     tw = _draw(twist_deg, rng, "twist_deg")
     return mesh.aligned(tip, tip - length * w, adv, tw)
+
+
+#: Built-in tool shapes (a sweep spec's ``tools[].mesh``, :func:`drrfarm.api.tool_mesh`): name -> generator.
+BUILTIN_TOOLS: dict[str, Callable[..., Mesh]] = {"kwire": kwire_mesh, "screw": screw_mesh,
+                                                 "cylinder": cylinder_mesh}

@@ -44,6 +44,9 @@ DETECTORS = ("ideal", "photon_counting", "csi")
 OUTPUTS = ("line_integral", "transmission", "intensity", "neglog")
 METHODS = ("trilinear", "joseph")
 SCATTER_MODES = ("none", "fast", "monte_carlo")
+MAX_STEP_VOXELS = 4.0  # the longest march step, in units of the smallest voxel spacing
+MAX_SCATTER_PHOTONS = 2**32 - 1  # Monte Carlo histories per image (a 32-bit count)
+MAX_SCATTER_BINS = 1024  # longest side of the scatter tally grid
 
 CSI_DENSITY_G_CM3 = 4.51
 NOISELESS_TAU_MIN = 1e-12
@@ -95,16 +98,18 @@ class Physics:
             raise PhysicsError(f"electronic_noise: must be >= 0, got {self.electronic_noise!r}")
         if not (np.isfinite(self.csi_thickness_mm) and self.csi_thickness_mm > 0):
             raise PhysicsError(f"csi_thickness_mm: must be > 0, got {self.csi_thickness_mm!r}")
-        if not (np.isfinite(self.step_voxels) and 0 < self.step_voxels <= 4):
-            raise PhysicsError(f"step_voxels: must be in (0, 4], got {self.step_voxels!r}")
+        if not (np.isfinite(self.step_voxels) and 0 < self.step_voxels <= MAX_STEP_VOXELS):
+            raise PhysicsError(f"step_voxels: must be in (0, {MAX_STEP_VOXELS:g}], got {self.step_voxels!r}")
         if self.scatter not in SCATTER_MODES:
             raise PhysicsError(f"scatter: unknown mode {self.scatter!r}; choose one of {SCATTER_MODES}")
         if self.scatter_photons is not None and not (
-            isinstance(self.scatter_photons, (int, np.integer)) and 0 < self.scatter_photons < 2**32
+            isinstance(self.scatter_photons, (int, np.integer)) and 0 < self.scatter_photons <= MAX_SCATTER_PHOTONS
         ):
             raise PhysicsError(f"scatter_photons: must be an integer in [1, 2**32), got {self.scatter_photons!r}")
-        if not (isinstance(self.scatter_bins, (int, np.integer)) and 1 <= self.scatter_bins <= 1024):
-            raise PhysicsError(f"scatter_bins: must be an integer in [1, 1024], got {self.scatter_bins!r}")
+        if not (isinstance(self.scatter_bins, (int, np.integer)) and 1 <= self.scatter_bins <= MAX_SCATTER_BINS):
+            raise PhysicsError(
+                f"scatter_bins: must be an integer in [1, {MAX_SCATTER_BINS}], got {self.scatter_bins!r}"
+            )
 
     @property
     def noisy(self) -> bool:

@@ -31,9 +31,11 @@ from drrfarm.errors import DrrfarmError, SpectrumError
 from drrfarm.materials import mass_attenuation_cm2_g, mass_energy_absorption_cm2_g, nominal_density_g_cm3
 
 __all__ = [
+    "ANODE_ANGLE_RANGE_DEG",
     "DEEPDRR_MEAN_ENERGY_KEV",
     "DEEPDRR_PRESETS",
     "KVP_RANGE",
+    "MONO_RANGE_KEV",
     "PRESETS",
     "Spectrum",
     "describe",
@@ -47,6 +49,7 @@ KVP_RANGE = (40.0, 150.0)  # kV supported by drrfarm
 MIN_BIN_KEV = 10.0  # bins with centres below this are dropped
 MIN_WEIGHT_FRACTION = 1e-9  # bins carrying less than this share of the photons are dropped
 MONO_RANGE_KEV = (1.0, 800.0)  # where the attenuation data (xraydb/Elam) hold
+ANODE_ANGLE_RANGE_DEG = (0.0, 90.0)  # open interval: a tube's anode angle lies strictly inside
 
 # name -> (kvp, al_mm); DeepDRR's preset names (see the module docstring)
 PRESETS: dict[str, tuple[float, float]] = {
@@ -317,7 +320,7 @@ def tube_spectrum(
         raise SpectrumError(f"kvp={kvp_f:g} is outside the supported range {KVP_RANGE[0]:g}-{KVP_RANGE[1]:g} kV")
     al = _check_number(al_mm, "al_mm", 0.0)
     cu = _check_number(cu_mm, "cu_mm", 0.0)
-    th = _check_number(anode_angle_deg, "anode_angle_deg", 0.0, 90.0, lo_open=True, hi_open=True)
+    th = _check_number(anode_angle_deg, "anode_angle_deg", *ANODE_ANGLE_RANGE_DEG, lo_open=True, hi_open=True)
     dk = _check_number(bin_kev, "bin_kev", 0.0, 5.0, lo_open=True)
     k, phi = _spekpy_fluence(kvp_f, al, cu, th, dk)
     e = np.asarray(k)

@@ -14,6 +14,10 @@ import argparse
 import json
 import sys
 
+from drrfarm.errors import DrrfarmError
+from drrfarm.farm.commands import sigterm_as_interrupt
+from drrfarm.farm.driver import run_sweep
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,10 +31,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="hand the job's AWS keys to the render actors through Ray's runtime env (visible in the "
                              "dashboard); default: actors use their own environment or instance/pod role")
     args = parser.parse_args(argv)
-
-    from drrfarm.errors import DrrfarmError
-    from drrfarm.farm.commands import sigterm_as_interrupt
-    from drrfarm.farm.driver import run_sweep
 
     sigterm_as_interrupt()  # `ray job stop` sends SIGTERM: still stop the actors and close the MLflow run
 

@@ -79,8 +79,8 @@ def test_deepdrr_names_are_accepted_wherever_presets_are() -> None:
 
 
 def test_sweep_spec_renders_a_deepdrr_preset(tmp_path: Path) -> None:
+    from drrfarm.farm.compile import spectrum_request
     from drrfarm.farm.spec import parse_spec
-    from drrfarm.farm.worker import spectrum_request
 
     data = {
         "seed": 1,

@@ -20,7 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 EXAMPLES = sorted((DOCS / "examples").glob("*.md"))
-SPEC_SOURCES = (ROOT / "drrfarm" / "farm" / "spec.py", ROOT / "drrfarm" / "farm" / "spec_scene.py")
+SPEC_SOURCES = (ROOT / "drrfarm" / "farm" / "spec.py", ROOT / "drrfarm" / "farm" / "spec_scene.py",
+                ROOT / "drrfarm" / "farm" / "validator.py")
 
 _PYTHON_BLOCK_RE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
@@ -147,13 +148,14 @@ def test_spec_reference_every_example_line_is_shown(spec_page: str) -> None:
 
 
 def test_spec_reference_tool_sizes_match_the_validator() -> None:
-    from drrfarm.farm.spec_scene import _NOT_SHAPE, builtin_tools
+    from drrfarm.farm.spec_scene import _NOT_SHAPE
+    from drrfarm.meshes import BUILTIN_TOOLS
 
     hook = _load_hook("spec_reference")
-    assert set(hook.BUILTIN_GENERATORS) == set(builtin_tools())
+    assert set(hook.BUILTIN_GENERATORS) == set(BUILTIN_TOOLS)
     assert set(_NOT_SHAPE) == hook.NOT_SIZE
     for tool, params in hook.tool_sizes().items():
-        expected = [a for a in inspect.signature(builtin_tools()[tool]).parameters if a not in _NOT_SHAPE]
+        expected = [a for a in inspect.signature(BUILTIN_TOOLS[tool]).parameters if a not in _NOT_SHAPE]
         assert [n for n, _ in params] == expected, tool
 
 

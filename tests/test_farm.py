@@ -175,7 +175,8 @@ def test_preflight_fails_before_rendering(phantoms: Path, tmp_path: Path) -> Non
 
 def test_worker_renders_what_the_backend_renders(phantoms: Path, tmp_path: Path) -> None:
     """RenderWorker without Ray: a committed shard holds exactly the bare backend's images (quantised)."""
-    from drrfarm.farm.worker import RenderWorker, camera_for, load_material_volume, physics_for
+    from drrfarm.farm.compile import camera_for, load_material_volume, physics_for
+    from drrfarm.farm.worker import RenderWorker
     from drrfarm.render import get_backend
     from drrfarm.sinks import dequantize, read_shard
     from drrfarm.spectrum import get_spectrum
@@ -209,7 +210,7 @@ def test_worker_renders_what_the_backend_renders(phantoms: Path, tmp_path: Path)
 
 def test_camera_cache_builds_each_pose_once_in_one_batch(tmp_path: Path) -> None:
     """A shard's cameras are built together, cached by pose, and equal the one-by-one cameras and columns."""
-    from drrfarm.farm.worker import CameraCache, camera_columns, camera_for
+    from drrfarm.farm.compile import CameraCache, camera_columns, camera_for
 
     d = base_spec(tmp_path, tmp_path / "out")
     d["poses"] = {"carm": {"alpha_deg": {"range": [-30, 30], "num": 5}, "beta_deg": [0, 15],

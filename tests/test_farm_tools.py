@@ -278,7 +278,7 @@ def test_loader_masks_landmarks_and_poses_are_right(rendered: tuple[Any, Path]) 
     """Through the torch dataset: the sphere's mask is the analytic circle within 1 px; landmark pixels
     are P·X; the tool tip landmark is the stored tool pose applied to the screw's model tip."""
     from drrfarm.data import DrrTorchDataset
-    from drrfarm.farm.worker import camera_for
+    from drrfarm.farm.compile import camera_for
     from drrfarm.meshes import screw_mesh
 
     spec, out = rendered
@@ -316,8 +316,8 @@ def test_loader_masks_landmarks_and_poses_are_right(rendered: tuple[Any, Path]) 
 
 
 def test_tool_poses_are_deterministic_per_volume_and_pose(rendered: tuple[Any, Path]) -> None:
-    from drrfarm.farm.scene import VolumeScene
     from drrfarm.inputs import resolve_input
+    from drrfarm.farm.scene import VolumeScene
 
     spec, _ = rendered
     scene = VolumeScene(spec, 0, np.eye(4), resolve_input)

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from drrfarm.cli import main
 from drrfarm.errors import SpecError
-from drrfarm.farm.spec import MAX_SPEC_BYTES, MAX_SPEC_DEPTH, MAX_SPEC_NODES, SweepSpec, load_spec
+from drrfarm.farm.spec import SweepSpec, load_spec
+from drrfarm.farm.spec_yaml import MAX_SPEC_BYTES, MAX_SPEC_DEPTH, MAX_SPEC_NODES
 
 # load_spec never opens the volumes, so the CT path need not exist
 BASE: dict[str, Any] = {

@@ -31,7 +31,7 @@ MARKER = "<!-- spec-keys: generated from jobs/specs/example.yaml -->"
 SIZES_MARKER = "<!-- tool-sizes: generated from drrfarm/meshes.py -->"
 
 # Built-in tools (``tools[].mesh``) and their generators; arguments set by other keys are not size keys
-# (drrfarm.farm.spec_scene.builtin_tools and _NOT_SHAPE).
+# (drrfarm.meshes.BUILTIN_TOOLS and drrfarm.farm.spec_scene._NOT_SHAPE).
 BUILTIN_GENERATORS = {"kwire": "kwire_mesh", "screw": "screw_mesh", "cylinder": "cylinder_mesh"}
 NOT_SIZE = {"material", "density_g_cm3", "mode", "name"}
 

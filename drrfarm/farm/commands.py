@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+
+from drrfarm.farm.demo import run_demo
+from drrfarm.farm.driver import run_sweep
+from drrfarm.farm.plan import make_plan
+from drrfarm.farm.spec import load_spec
+from drrfarm.render import BACKENDS
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +26,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tracking", action="store_true", help="do not log an MLflow run")
     p.add_argument("--actors", type=int, default=None, help="number of render actors (default: one per GPU, "
                                                             "else one per farm.cpus_per_actor CPUs)")
-    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default=None, help="override the spec's backend")
+    p.add_argument("--backend", choices=BACKENDS, default=None, help="override the spec's backend")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--forward-credentials", action="store_true",
@@ -44,9 +52,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def sigterm_as_interrupt() -> None:
     """Turn SIGTERM (``ray job stop``, a scheduler's kill) into KeyboardInterrupt, so the driver still
     stops its actors and closes the provenance run (as KILLED)."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return
 
@@ -57,8 +62,6 @@ def sigterm_as_interrupt() -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from drrfarm.farm.driver import run_sweep
-
     sigterm_as_interrupt()
 
     summary = run_sweep(args.spec, address=args.address, output=args.output, tracking=not args.no_tracking,
@@ -70,9 +73,6 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from drrfarm.farm.plan import make_plan
-    from drrfarm.farm.spec import load_spec
-
     plan = make_plan(load_spec(args.spec, output=args.output))
     if args.json:
         print(json.dumps({"sweep_id": plan.sweep_id, "spec_sha256": plan.spec_sha256,
@@ -83,8 +83,6 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from drrfarm.farm.demo import run_demo
-
     sigterm_as_interrupt()
 
     summary = run_demo(output=args.output, address=args.address, tracking=not args.no_tracking,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+
+from drrfarm.farm.driver import SweepSummary, run_sweep
 
 DEMO_OUTPUT = "./drrfarm-demo"
 
@@ -65,10 +66,8 @@ def write_demo_spec(output: str | os.PathLike[str]) -> Path:
 
 
 def run_demo(output: str = DEMO_OUTPUT, address: str | None = None, tracking: bool = True,
-             num_actors: int | None = None, progress: bool = True) -> Any:
+             num_actors: int | None = None, progress: bool = True) -> SweepSummary:
     """Render the demo sweep to ``output`` (local folder); returns the :class:`SweepSummary`."""
-    from drrfarm.farm.driver import run_sweep
-
     if "://" in output and not output.startswith("file://"):
         spec_dir = Path(".drrfarm-demo-spec")
     else:

@@ -53,8 +53,16 @@ from drrfarm.errors import (
     StorageError,
     VolumeError,
 )
+from drrfarm.farm import worker
+from drrfarm.farm.compile import camera_for, physics_for, spectrum_request
 from drrfarm.farm.plan import WARM_POSES, Plan, format_bytes, make_plan
 from drrfarm.farm.spec import SweepSpec, load_spec
+from drrfarm.inputs import resolve_input, sample_name
+from drrfarm.samples.downloads import SAMPLES
+from drrfarm.sinks import contact_sheet_png, finalize_manifest, open_store, read_manifest
+from drrfarm.spectrum import get_spectrum
+from drrfarm.tracking.tracker import open_tracker
+from drrfarm.volume import validate_material_names
 
 #: application errors a retry cannot fix: their shard fails at once
 PERMANENT_ERRORS = (VolumeError, MaterialError, GeometryError, PhysicsError, SpectrumError, SpecError)
@@ -166,12 +174,6 @@ def preflight(plan: Plan, check_local_files: bool = True) -> list[Any]:
     """Fail fast, before any rendering: spectra build, materials exist, physics and cameras are valid,
     local inputs exist (skipped with ``check_local_files=False``, e.g. for a remote ``ray://`` cluster
     whose nodes see other files). Returns the spectra. Raises SpecError naming the spec key."""
-    from drrfarm.farm.worker import camera_for, physics_for, spectrum_request
-    from drrfarm.inputs import resolve_input, sample_name
-    from drrfarm.samples.downloads import SAMPLES
-    from drrfarm.spectrum import get_spectrum
-    from drrfarm.volume import validate_material_names
-
     spec = plan.spec
     src = spec.source
     spectra = []
@@ -426,14 +428,13 @@ class _Farm:
 
     # -- actors ------------------------------------------------------------------------------------
     def _new_actor(self) -> Any:
-        from drrfarm.farm.worker import actor_options, render_actor_class
-
         cpus = self.cpus_per_gpu if self.use_gpu else self.farm.cpus_per_actor
-        opts = actor_options(self.use_gpu, cpus, self.farm.max_actor_restarts, self.inflight + 1, self.runtime_env)
+        opts = worker.actor_options(self.use_gpu, cpus, self.farm.max_actor_restarts, self.inflight + 1,
+                                    self.runtime_env)
         backend_options: dict[str, Any] = {}
         if self.backend == "cpu":
             backend_options["threads"] = max(1, int(self.farm.cpus_per_actor))
-        return render_actor_class().options(**opts).remote(
+        return worker.render_actor_class().options(**opts).remote(
             self.spec, self.run_id, self.backend, self.inflight, 2, backend_options, True, self.encode_threads,
             switch_interval_s=self.farm.switch_interval_s(self.use_gpu))
 
@@ -811,8 +812,6 @@ def _entry_rows(entry: Any) -> int | None:
 def committed_shards(plan: Plan, url: str) -> dict[str, Any]:
     """Planned shards committed at ``url``: ``{shard_id: manifest entry}``. A manifest that lists shards
     of another sweep raises StorageError (one output = one dataset)."""
-    from drrfarm.sinks import read_manifest
-
     entries = _committed(read_manifest(url))
     foreign = sorted(s for s in entries if not s.startswith(plan.sweep_id + "-"))
     if foreign:
@@ -864,8 +863,6 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
                            images_total=plan.n_images, shards_total=plan.n_shards)
 
     preflight(plan, check_local_files=not (address or "").startswith("ray://"))
-    from drrfarm.sinks import open_store
-
     open_store(spec.output.url)  # probe write/delete: a bad URL or credentials fail here, not after an hour
     done = committed_shards(plan, spec.output.url)
     todo = [s.index for s in plan.shards if s.shard_id not in done]
@@ -878,8 +875,6 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
             print(f"drrfarm: sweep {plan.sweep_id} is already complete at {spec.output.url} "
                   f"({plan.n_shards} shards, {plan.n_images} images); nothing to do", file=stream)
         return summary
-
-    from drrfarm.tracking.tracker import open_tracker
 
     enabled = bool(tracking and spec.tracking.enabled)
     tracker = open_tracker(enabled, spec.tracking.experiment, spec.tracking.tracking_uri, spec.output.url,
@@ -1004,14 +999,12 @@ def run_sweep(spec_path: str | os.PathLike[str] | SweepSpec, address: str | None
 def _finish(plan: Plan, spec: SweepSpec, summary: SweepSummary, tracker: Any, final: dict[str, Any], status: str,
             stream: TextIO) -> None:
     """Finalise the manifest (sinks) and the provenance run (contact sheet, summary)."""
-    from drrfarm import sinks
-
     manifest_json: dict[str, Any] = {}
     extra = {"spec_sha256": plan.spec_sha256, "sweep_id": plan.sweep_id, "mlflow_run_id": summary.run_id or "",
              "drrfarm_version": drrfarm.__version__, "complete": summary.complete,
              "planned": {"shards": plan.n_shards, "images": plan.n_images}, "spec": spec.content_dict()}
     try:
-        manifest_json = sinks.finalize_manifest(spec.output.url, extra)
+        manifest_json = finalize_manifest(spec.output.url, extra)
     except DrrfarmError as exc:
         print(f"drrfarm: warning: finalising the manifest failed: {exc}", file=stream)
     if tracker is None:
@@ -1019,7 +1012,7 @@ def _finish(plan: Plan, spec: SweepSpec, summary: SweepSummary, tracker: Any, fi
     sheet = None
     if summary.images_rendered or summary.images_skipped:
         try:
-            sheet = sinks.contact_sheet_png(spec.output.url)
+            sheet = contact_sheet_png(spec.output.url)
         except Exception as exc:  # noqa: BLE001 - a contact sheet is a nicety
             print(f"drrfarm: warning: contact sheet failed: {_short(exc)}", file=stream)
     _safe(tracker, "finish", manifest_json, sheet, summary.to_dict(), status)

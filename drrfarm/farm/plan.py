@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from drrfarm.errors import SpecError
-from drrfarm.farm.spec import CARM_AXES, AxisSpec, SweepSpec
+from drrfarm.farm.spec import CARM_AXES, SweepSpec
+from drrfarm.farm.validator import AxisSpec
 
 _DTYPE_BYTES = {"uint16": 2, "float16": 2, "float32": 4}
 WARM_POSES = 256  # poses (evenly spread over the sweep) whose volume layouts a GPU actor builds before its first shard

@@ -15,19 +15,21 @@ the render, the annotation fields of the image's row (:meth:`VolumeScene.annotat
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 
 from drrfarm.farm.plan import tool_pose_rng
 from drrfarm.farm.spec import SweepSpec
-from drrfarm.farm.spec_scene import ToolSpec, builtin_tools, for_volume
+from drrfarm.farm.spec_scene import ToolSpec, for_volume
+from drrfarm.labels import LabelImages, LabelProjector, mesh_label_images
+from drrfarm.landmarks import landmarks_from_points, load_landmarks, project_landmarks
+from drrfarm.meshes import BUILTIN_TOOLS, load_mesh, sample_tool_pose
 
 
 def base_tool_mesh(tool: ToolSpec, resolve: Any) -> Any:
     """The tool's :class:`drrfarm.meshes.Mesh` in its model frame (not yet posed)."""
-    from drrfarm.meshes import load_mesh
-
     overrides: dict[str, Any] = {"name": tool.name}
     if tool.material is not None:
         overrides["material"] = tool.material
@@ -37,7 +39,7 @@ def base_tool_mesh(tool: ToolSpec, resolve: Any) -> Any:
         overrides["mode"] = tool.mode
     if tool.is_builtin:
         shape = {k: (int(v) if k == "sections" else v) for k, v in tool.shape}
-        return builtin_tools()[tool.mesh](**shape, **overrides)
+        return BUILTIN_TOOLS[tool.mesh](**shape, **overrides)
     return load_mesh(resolve(tool.resolved), scale_to_mm=tool.scale_to_mm, tip_mm=tool.model_tip_mm,
                      base_mm=tool.model_base_mm, **{"mode": "add", **overrides})
 
@@ -49,8 +51,6 @@ def pose_tool(tool: ToolSpec, mesh: Any, world_from_patient: np.ndarray, rng: An
     one draw on the planned trajectory (:func:`drrfarm.meshes.sample_tool_pose`) from ``rng()``: a
     callable returning the :class:`numpy.random.Generator` (called only for a trajectory).
     """
-    from drrfarm.meshes import sample_tool_pose
-
     pose = tool.pose
     wfp = np.asarray(world_from_patient, dtype=np.float64) if pose.frame == "patient" else None
     if pose.world_from_mesh is not None:
@@ -65,7 +65,7 @@ class VolumeScene:
     """Tools, label projector and landmarks of one volume of a sweep.
 
     ``world_from_patient``: (4, 4) placement of the volume (the backend's ``prepare`` argument);
-    ``resolve``: maps a spec path/URL to something openable (the worker's ``resolve_input``).
+    ``resolve``: maps a spec path/URL to something openable (:func:`drrfarm.farm.compile.resolve_input`).
     """
 
     def __init__(self, spec: SweepSpec, volume_index: int, world_from_patient: np.ndarray, resolve: Any) -> None:
@@ -79,8 +79,6 @@ class VolumeScene:
         self.label_thickness = False
         self.tool_masks = False
         if spec.labels is not None:
-            from drrfarm.labels import LabelProjector
-
             lb = spec.labels
             self.label_thickness = lb.thickness
             self.tool_masks = lb.tools and bool(self.tools)
@@ -90,8 +88,6 @@ class VolumeScene:
         self.landmarks = None
         self.tool_tips = False
         if spec.landmarks is not None:
-            from drrfarm.landmarks import landmarks_from_points, load_landmarks
-
             lm = spec.landmarks
             self.tool_tips = lm.tool_tips
             if lm.file_resolved:
@@ -115,8 +111,6 @@ class VolumeScene:
 
     def file_metadata(self) -> dict[str, str]:
         """Names of the annotation channels, for the shard's file metadata (JSON lists)."""
-        import json
-
         meta: dict[str, str] = {}
         if self.tools:
             meta["drrfarm.tool_names"] = json.dumps(self.tool_names)
@@ -139,8 +133,6 @@ class VolumeScene:
         if tools:
             row["tool_world_from_mesh"] = [float(x) for m in tools for x in m.world_from_mesh.reshape(-1)]
         if self.spec.labels is not None:
-            from drrfarm.labels import LabelImages, mesh_label_images
-
             H, W = int(camera.height), int(camera.width)
             th = self.label_thickness
             parts = [self.projector.project(camera, thickness=th, step_voxels=self.spec.physics.step_voxels)] \
@@ -155,8 +147,6 @@ class VolumeScene:
             if th:
                 row["thickness_mm"] = images.thickness_mm
         if self.spec.landmarks is not None:
-            from drrfarm.landmarks import project_landmarks
-
             points = [self.landmarks.world_mm(self.world_from_patient)] if self.landmarks is not None else []
             if self.tool_tips:
                 points += [np.array([p for m in tools for p in (m.tip_world_mm(), m.base_world_mm())]).reshape(-1, 3)]

@@ -24,48 +24,49 @@ any working directory (``ray job submit --working-dir`` included).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 import os
 import re
-import reprlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any
 
 from drrfarm.errors import SpecError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from drrfarm.farm.spec_scene import LabelsSpec, LandmarksSpec, ToolSpec
+from drrfarm.farm import spec_scene
+from drrfarm.farm.spec_scene import LabelsSpec, LandmarksSpec, ToolSpec
+from drrfarm.farm.spec_yaml import parse_yaml, read_limited, yaml_problem
+from drrfarm.farm.validator import SAMPLE_RE, URL_RE, AxisSpec, Validator, brief, join, key_text, one_line
+from drrfarm.geometry import (
+    CARM_ALPHA_RANGE_DEG,
+    CARM_BETA_RANGE_DEG,
+    CARM_SDD_MM,
+    CARM_SID_MM,
+    ORIENTATIONS,
+)
+from drrfarm.physics import (
+    DETECTORS,
+    MAX_SCATTER_BINS,
+    MAX_SCATTER_PHOTONS,
+    MAX_STEP_VOXELS,
+    METHODS,
+    OUTPUTS,
+    SCATTER_MODES,
+    Physics,
+)
+from drrfarm.render import BACKENDS
+from drrfarm.sinks.parquet import IMAGE_DTYPES
+from drrfarm.sinks.writer import FORMATS
+from drrfarm.spectrum import ANODE_ANGLE_RANGE_DEG, KVP_RANGE, MONO_RANGE_KEV
 
 SPEC_VERSION = 1
 
-ORIENTATIONS = ("HFS", "FFS", "HFP", "FFP")  # drrfarm.geometry.ORIENTATIONS
-KVP_RANGE = (40.0, 150.0)  # drrfarm.spectrum.KVP_RANGE
-MONO_RANGE_KEV = (1.0, 800.0)  # drrfarm.spectrum.MONO_RANGE_KEV
-DETECTOR_MODELS = ("ideal", "photon_counting", "csi")
-OUTPUT_TRANSFORMS = ("line_integral", "transmission", "intensity", "neglog")
-PHYSICS_METHODS = ("trilinear", "joseph")
-SCATTER_MODES = ("none", "fast", "monte_carlo")
-BACKENDS = ("auto", "cpu", "cuda")
-FORMATS = ("parquet", "png")
-IMAGE_DTYPES = ("uint16", "float16", "float32")
 MAX_INFLIGHT = 64  # shards in flight per actor
 INFLIGHT_REFERENCE_PIXELS = 64 * 1024 * 1024  # a shard of 64 images of 1024²: encoder threads + 2 in flight
 GPU_SWITCH_INTERVAL_MS = 0.5  # GIL switch interval of GPU actors (Python's default: 5 ms)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_SAMPLE_RE = re.compile(r"^sample:([a-z][a-z0-9_]*)$")
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_PLAIN_KEY_RE = re.compile(r"[!-~]{1,64}")  # printable ASCII without spaces: shown as is in key paths
-
-# Limits on a spec document, checked before anything is built from it (a spec needs far less).
-MAX_SPEC_BYTES = 1024 * 1024
-MAX_SPEC_DEPTH = 32
-MAX_SPEC_NODES = 100_000
-MAX_NUMBER_CHARS = 100  # longest number literal YAML may turn into an int or float
 
 # ----------------------------------------------------------------------------------------------
 # dataclasses
@@ -137,48 +138,7 @@ class VolumeSpec:
                               "offset_mm": list(self.placement.offset_mm)}}
 
 
-@dataclass(frozen=True)
-class AxisSpec:
-    """One pose parameter: fixed values (a grid axis) or a random distribution.
-
-    ``kind`` is ``"values"`` (``values`` holds the grid points), ``"uniform"`` (``low``, ``high``)
-    or ``"normal"`` (``mean``, ``std``, optional ``clip``).
-    """
-
-    kind: str
-    values: tuple[float, ...] = ()
-    low: float = 0.0
-    high: float = 0.0
-    mean: float = 0.0
-    std: float = 0.0
-    clip: tuple[float, float] | None = None
-
-    @property
-    def is_random(self) -> bool:
-        return self.kind != "values"
-
-    def describe(self) -> str:
-        if self.kind == "values":
-            if len(self.values) == 1:
-                return f"{self.values[0]:g}"
-            return f"{len(self.values)} values [{min(self.values):g}..{max(self.values):g}]"
-        if self.kind == "uniform":
-            return f"uniform[{self.low:g}, {self.high:g}]"
-        clip = f" clipped to [{self.clip[0]:g}, {self.clip[1]:g}]" if self.clip else ""
-        return f"normal(mean {self.mean:g}, std {self.std:g}){clip}"
-
-    def content(self) -> dict[str, Any]:
-        if self.kind == "values":
-            return {"values": list(self.values)}
-        if self.kind == "uniform":
-            return {"uniform": [self.low, self.high]}
-        return {"normal": {"mean": self.mean, "std": self.std,
-                           "clip": list(self.clip) if self.clip else None}}
-
-
 CARM_AXES = ("alpha_deg", "beta_deg", "gamma_deg", "sdd_mm", "sid_mm")
-CARM_ALPHA_RANGE_DEG = (-40.0, 110.0)  # drrfarm.geometry.CArm defaults
-CARM_BETA_RANGE_DEG = (-225.0, 225.0)
 
 
 @dataclass(frozen=True)
@@ -189,8 +149,8 @@ class CArmPoses:
     alpha_deg: AxisSpec = AxisSpec("values", (0.0,))
     beta_deg: AxisSpec = AxisSpec("values", (0.0,))
     gamma_deg: AxisSpec = AxisSpec("values", (0.0,))
-    sdd_mm: AxisSpec = AxisSpec("values", (1020.0,))
-    sid_mm: AxisSpec = AxisSpec("values", (530.0,))
+    sdd_mm: AxisSpec = AxisSpec("values", (CARM_SDD_MM,))
+    sid_mm: AxisSpec = AxisSpec("values", (CARM_SID_MM,))
     isocentre_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     iso_jitter_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # half-width of a uniform offset per axis
     samples: int = 1
@@ -281,14 +241,14 @@ class SpectraSpec:
 @dataclass(frozen=True)
 class DetectorSpec:
     """Detector and noise: ``photons`` is the list of photon counts per pixel (unattenuated) to
-    sweep; ``None`` in it means noiseless."""
+    sweep; ``None`` in it means noiseless. Defaults: those of :class:`~drrfarm.physics.Physics`."""
 
-    model: str = "ideal"
-    output: str = "line_integral"
+    model: str = Physics.detector
+    output: str = Physics.output
     photons: tuple[int | None, ...] = (None,)
-    electronic_noise: float = 0.0
-    solid_angle: bool = False
-    csi_thickness_mm: float = 0.6
+    electronic_noise: float = Physics.electronic_noise
+    solid_angle: bool = Physics.solid_angle
+    csi_thickness_mm: float = Physics.csi_thickness_mm
 
 
 @dataclass(frozen=True)
@@ -302,19 +262,19 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class PhysicsSpec:
-    """Ray-marching options."""
+    """Ray-marching options (defaults: those of :class:`~drrfarm.physics.Physics`)."""
 
-    step_voxels: float = 0.5
-    method: str = "trilinear"
+    step_voxels: float = Physics.step_voxels
+    method: str = Physics.method
 
 
 @dataclass(frozen=True)
 class ScatterSpec:
     """X-ray scatter added to every image (:mod:`drrfarm.scatter`)."""
 
-    mode: str = "none"  # none | fast | monte_carlo
+    mode: str = Physics.scatter  # one of drrfarm.physics.SCATTER_MODES
     photons: int | None = None  # Monte Carlo histories per image; None: the mode's default for the backend
-    bins: int = 64  # longest side of the Monte Carlo's tally grid
+    bins: int = Physics.scatter_bins  # longest side of the Monte Carlo's tally grid
 
 
 @dataclass(frozen=True)
@@ -468,113 +428,7 @@ def canonical_json(obj: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# YAML loading
-
-
-def _make_loader() -> type:
-    """A safe YAML loader (libyaml's parser where available) that rejects duplicate mapping keys and over-long
-    numbers, and reports any value it cannot build as a YAML error at that value's position."""
-    import yaml
-    from yaml.constructor import ConstructorError, SafeConstructor
-
-    class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-        """Safe loader that rejects duplicate mapping keys instead of keeping the last one."""
-
-        def construct_object(self, node: Any, deep: bool = False) -> Any:
-            try:
-                return super().construct_object(node, deep=deep)
-            except yaml.YAMLError:
-                raise
-            except (ArithmeticError, AttributeError, IndexError, KeyError, TypeError, ValueError):
-                kind = str(node.tag).rsplit(":", 1)[-1]
-                shown = _brief(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
-                raise ConstructorError(None, None, f"cannot read {shown} as {kind[:40]}",
-                                       node.start_mark) from None
-
-    def _construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
-        loader.flatten_mapping(node)
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            try:
-                hash(key)
-            except TypeError:
-                raise ConstructorError(None, None, "unhashable mapping key", key_node.start_mark) from None
-            if key in out:
-                raise ConstructorError(None, None, f"duplicate key {_brief(key)}", key_node.start_mark)
-            out[key] = loader.construct_object(value_node, deep=deep)
-        return out
-
-    def _number_constructor(construct: Any) -> Any:
-        def _construct_number(loader: Any, node: Any) -> Any:
-            text = loader.construct_scalar(node)
-            if len(text) > MAX_NUMBER_CHARS:
-                raise ConstructorError(None, None, f"a number of {len(text)} characters is too long "
-                                                   f"(at most {MAX_NUMBER_CHARS})", node.start_mark)
-            return construct(loader, node)
-
-        return _construct_number
-
-    _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-    _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _number_constructor(SafeConstructor.construct_yaml_int))
-    _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float",
-                                     _number_constructor(SafeConstructor.construct_yaml_float))
-    return _UniqueKeyLoader
-
-
-def _check_yaml_shape(text: str, loader_class: type) -> None:
-    """Reject anchors and aliases, nesting deeper than ``MAX_SPEC_DEPTH`` and more than ``MAX_SPEC_NODES`` values
-    from the parser's events alone, before any value is built (a few nested aliases expand to gigabytes)."""
-    import yaml
-    from yaml.composer import ComposerError
-
-    loader = loader_class(text)
-    depth = nodes = 0
-    try:
-        while loader.check_event():
-            event = loader.get_event()
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                raise ComposerError(None, None, "anchors and aliases (&name, *name) are not allowed in a spec",
-                                    event.start_mark)
-            if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
-                nodes += 1
-                if nodes > MAX_SPEC_NODES:
-                    raise ComposerError(None, None, f"more than {MAX_SPEC_NODES} values; give long lists (such as "
-                                                    "pose matrices) as a file", event.start_mark)
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_SPEC_DEPTH:
-                    raise ComposerError(None, None, f"nested deeper than {MAX_SPEC_DEPTH} levels", event.start_mark)
-            elif isinstance(event, yaml.CollectionEndEvent):
-                depth -= 1
-    finally:
-        loader.dispose()
-
-
-def _parse_yaml(text: str) -> Any:
-    """One YAML document, within the limits above; every problem raises a ``yaml.YAMLError``."""
-    import yaml
-
-    loader_class = _make_loader()
-    _check_yaml_shape(text, loader_class)
-    return yaml.load(text, Loader=loader_class)  # noqa: S506 - a safe loader subclass
-
-
-def _yaml_problem(exc: Exception) -> str:
-    """`` (line L, column C): problem`` of a YAML error, on one line and bounded."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    problem = getattr(exc, "problem", None) or str(exc)
-    return f"{where}: {_one_line(problem)}"
-
-
-def _read_limited(p: Path, limit: int = MAX_SPEC_BYTES) -> str:
-    """The UTF-8 text of ``p``; ValueError (not reading further) when it is larger than ``limit`` bytes."""
-    with p.open("rb") as fh:
-        raw = fh.read(limit + 1)
-    if len(raw) > limit:
-        raise ValueError(f"file is larger than {limit // 1024} KiB")
-    return raw.decode("utf-8")
+# reading
 
 
 def load_spec(path: str | os.PathLike[str], output: str | None = None) -> SweepSpec:
@@ -583,17 +437,17 @@ def load_spec(path: str | os.PathLike[str], output: str | None = None) -> SweepS
 
     p = Path(path)
     try:
-        text = _read_limited(p)
+        text = read_limited(p)
     except FileNotFoundError:
         raise SpecError(f"{p}: spec file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{p}: cannot read spec file: {_one_line(str(exc))}") from None
+        raise SpecError(f"{p}: cannot read spec file: {one_line(str(exc))}") from None
     except ValueError as exc:
         raise SpecError(f"{p}: spec {exc}; give long lists (such as pose matrices) as a file") from None
     try:
-        data = _parse_yaml(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{p}: invalid YAML{_yaml_problem(exc)}") from None
+        raise SpecError(f"{p}: invalid YAML{yaml_problem(exc)}") from None
     return parse_spec(data, source=str(p), base_dir=p.resolve().parent, output=output)
 
 
@@ -601,7 +455,7 @@ def parse_spec(data: Any, source: str = "<dict>", base_dir: str | os.PathLike[st
                output: str | None = None) -> SweepSpec:
     """Validate an already-parsed mapping. Relative volume paths resolve against ``base_dir``
     (default: the current directory); the output URL against the current directory."""
-    v = _Validator(source, Path(base_dir) if base_dir is not None else Path.cwd())
+    v = SpecValidator(source, Path(base_dir) if base_dir is not None else Path.cwd())
     spec = v.spec(data)
     return spec.with_output(output)
 
@@ -610,180 +464,16 @@ def parse_spec(data: Any, source: str = "<dict>", base_dir: str | os.PathLike[st
 # validation
 
 
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    if not _PLAIN_KEY_RE.fullmatch(key):
-        key = _brief(key, 40)
-    return f"{path}.{key}" if path else key
-
-
-def _typename(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
-            dict: "mapping"}.get(type(value), type(value).__name__)
-
-
-_BRIEF_REPR = reprlib.Repr()
-_BRIEF_REPR.maxlevel = 2
-_BRIEF_REPR.maxlist = _BRIEF_REPR.maxtuple = _BRIEF_REPR.maxdict = 6
-_BRIEF_REPR.maxset = _BRIEF_REPR.maxfrozenset = 6
-_BRIEF_REPR.maxstring = _BRIEF_REPR.maxother = 80
-_BRIEF_REPR.maxlong = 40
-
-
-def _brief(value: Any, limit: int = 80) -> str:
-    """A short repr of a user value for an error message, never built from the full repr of a large value."""
-    if isinstance(value, int) and value.bit_length() > 1024:
-        return f"<integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value[:limit])
-    try:
-        text = _BRIEF_REPR.repr(value)
-    except Exception:  # a value whose repr fails still gets a message
-        text = f"<{_typename(value)}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _one_line(text: str, limit: int = 400) -> str:
-    """``text`` on one line (line breaks become spaces), cut to ``limit`` characters."""
-    flat = " ".join(text[: limit + 1].splitlines())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def _key_text(key: Any) -> str:
-    """A mapping key as a key path part (non-string keys shown briefly)."""
-    return key if isinstance(key, str) else _brief(key, 40)
-
-
 def _resolve_output(url: str) -> str:
-    if _URL_RE.match(url):
+    if URL_RE.match(url):
         if url.startswith("file://"):
             return "file://" + os.path.abspath(url[len("file://"):])
         return url
     return os.path.abspath(os.path.expanduser(url))
 
 
-class _Validator:
-    def __init__(self, source: str, base_dir: Path) -> None:
-        self.source = source
-        self.base_dir = base_dir
-
-    # -- primitives --------------------------------------------------------------------------
-    def fail(self, path: str, reason: str) -> NoReturn:
-        raise SpecError(f"{self.source}: {_one_line(path or '<top level>', 300)}: {_one_line(reason)}")
-
-    def mapping(self, value: Any, path: str, allowed: Iterable[str], required: Iterable[str] = ()
-                ) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.fail(path, f"must be a mapping, got {_typename(value)} {_brief(value)}")
-        allowed = list(allowed)
-        for key in value:
-            if not isinstance(key, str):
-                self.fail(_join(path, _key_text(key)), f"keys must be strings, got {_typename(key)} {_brief(key)}")
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else f" (allowed: {', '.join(allowed)})"
-                self.fail(_join(path, key), f"unknown key{hint}")
-        for key in required:
-            if key not in value:
-                self.fail(_join(path, key), "required key is missing")
-        return value
-
-    def number(self, value: Any, path: str, *, lo: float | None = None, hi: float | None = None,
-               lo_open: bool = False, hi_open: bool = False) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint = ""
-            if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
-                hint = " (YAML reads exponent numbers without a '.' as text; write e.g. 1.0e3)"
-            self.fail(path, f"must be a number, got {_typename(value)} {_brief(value)}{hint}")
-        try:
-            x = float(value)
-        except OverflowError:
-            x = math.inf
-        if not math.isfinite(x):
-            self.fail(path, f"must be finite, got {_brief(value)}")
-        if lo is not None and (x < lo or (lo_open and x == lo)):
-            self.fail(path, f"must be {'>' if lo_open else '>='} {lo:g}, got {value:g}")
-        if hi is not None and (x > hi or (hi_open and x == hi)):
-            self.fail(path, f"must be {'<' if hi_open else '<='} {hi:g}, got {value:g}")
-        return x
-
-    def integer(self, value: Any, path: str, *, lo: int | None = None, hi: int | None = None) -> int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(path, f"must be an integer, got {_typename(value)} {_brief(value)}")
-        if lo is not None and value < lo:
-            self.fail(path, f"must be >= {lo}, got {_brief(value)}")
-        if hi is not None and value > hi:
-            self.fail(path, f"must be <= {hi}, got {_brief(value)}")
-        return int(value)
-
-    def string(self, value: Any, path: str, *, nonempty: bool = True) -> str:
-        if not isinstance(value, str):
-            self.fail(path, f"must be a string, got {_typename(value)} {_brief(value)}")
-        if nonempty and not value.strip():
-            self.fail(path, "must not be empty")
-        return value
-
-    def boolean(self, value: Any, path: str) -> bool:
-        if not isinstance(value, bool):
-            self.fail(path, f"must be true or false, got {_typename(value)} {_brief(value)}")
-        return value
-
-    def choice(self, value: Any, path: str, choices: Iterable[str]) -> str:
-        choices = tuple(choices)
-        s = self.string(value, path)
-        if s not in choices:
-            self.fail(path, f"must be one of {', '.join(choices)}; got {_brief(s)}")
-        return s
-
-    def seq(self, value: Any, path: str, *, min_len: int = 1, max_len: int | None = None) -> list[Any]:
-        if not isinstance(value, list):
-            self.fail(path, f"must be a list, got {_typename(value)} {_brief(value)}")
-        if len(value) < min_len:
-            self.fail(path, f"must have at least {min_len} item{'s' if min_len != 1 else ''}")
-        if max_len is not None and len(value) > max_len:
-            self.fail(path, f"must have at most {max_len} items, got {len(value)}")
-        return value
-
-    def vec3(self, value: Any, path: str, *, lo: float | None = None) -> tuple[float, float, float]:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            x = self.number(value, path, lo=lo)
-            return (x, x, x)
-        items = self.seq(value, path, min_len=3, max_len=3)
-        a, b, c = (self.number(x, _join(path, i), lo=lo) for i, x in enumerate(items))
-        return (a, b, c)
-
-    def matrix(self, value: Any, path: str, n_rows: int, n_cols: int) -> list[float]:
-        """A matrix as nested rows or ``n_rows * n_cols`` numbers; returned flat, row-major."""
-        if isinstance(value, list) and len(value) == n_rows * n_cols and not any(isinstance(x, list) for x in value):
-            return [self.number(x, _join(path, k)) for k, x in enumerate(value)]
-        rows = self.seq(value, path, min_len=n_rows, max_len=n_rows)
-        flat: list[float] = []
-        for r, row in enumerate(rows):
-            rr = self.seq(row, _join(path, r), min_len=n_cols, max_len=n_cols)
-            flat.extend(self.number(x, _join(_join(path, r), c)) for c, x in enumerate(rr))
-        return flat
-
-    def as_list(self, value: Any) -> list[Any]:
-        return value if isinstance(value, list) else [value]
-
-    def resolve_path(self, text: str) -> tuple[str, str | None]:
-        """(resolved path/URL, path relative to cwd or None) of a volume-ish input."""
-        if _SAMPLE_RE.match(text) or _URL_RE.match(text):
-            if text.startswith("file://"):
-                local = text[len("file://"):]
-                p = Path(local) if os.path.isabs(local) else self.base_dir / local
-                return str(p.resolve()), _relpath(p)
-            return text, None
-        p = Path(os.path.expanduser(text))
-        if not p.is_absolute():
-            p = self.base_dir / p
-        p = Path(os.path.normpath(p))
-        return str(p), _relpath(p)
+class SpecValidator(Validator):
+    """The sweep spec's sections on top of the :class:`~drrfarm.farm.validator.Validator` primitives."""
 
     # -- sections ------------------------------------------------------------------------------
     def spec(self, data: Any) -> SweepSpec:
@@ -810,8 +500,6 @@ class _Validator:
         output = self.output(top["output"], "output")
         tracking = self.tracking(top.get("tracking", {}), "tracking")
         farm = self.farm(top.get("farm", {}), "farm")
-        from drrfarm.farm import spec_scene
-
         tools = spec_scene.tools(self, top["tools"], "tools") if "tools" in top else ()
         labels = spec_scene.labels(self, top["labels"], "labels", len(tools)) if "labels" in top else None
         landmarks = spec_scene.landmarks(self, top["landmarks"], "landmarks", len(tools)) \
@@ -831,24 +519,24 @@ class _Validator:
         out: list[VolumeSpec] = []
         seen: dict[str, int] = {}
         for i, item in enumerate(items):
-            p = _join(path, i)
+            p = join(path, i)
             if isinstance(item, str):
                 item = {"path": item}
             m = self.mapping(item, p, ["id", "path", "materials", "placement"], required=["path"])
-            raw_path = self.string(m["path"], _join(p, "path"))
-            if raw_path.startswith("sample:") and not _SAMPLE_RE.match(raw_path):
-                self.fail(_join(p, "path"), f"bad sample name {_brief(raw_path)} (expected e.g. sample:chest_ct)")
+            raw_path = self.string(m["path"], join(p, "path"))
+            if raw_path.startswith("sample:") and not SAMPLE_RE.match(raw_path):
+                self.fail(join(p, "path"), f"bad sample name {brief(raw_path)} (expected e.g. sample:chest_ct)")
             resolved, rel = self.resolve_path(raw_path)
-            vid = self.string(m["id"], _join(p, "id")) if "id" in m else _default_volume_id(raw_path)
+            vid = self.string(m["id"], join(p, "id")) if "id" in m else _default_volume_id(raw_path)
             if not _ID_RE.match(vid):
-                self.fail(_join(p, "id"), f"volume id {_brief(vid)} must be 1-64 characters of letters, digits, "
-                                           "'_', '.', '-' (starting with a letter or digit)")
+                self.fail(join(p, "id"), f"volume id {brief(vid)} must be 1-64 characters of letters, digits, "
+                                          "'_', '.', '-' (starting with a letter or digit)")
             if vid in seen:
-                self.fail(_join(p, "id"), f"duplicate volume id {_brief(vid)} (also volumes[{seen[vid]}]); "
-                                           "give each volume a unique id")
+                self.fail(join(p, "id"), f"duplicate volume id {brief(vid)} (also volumes[{seen[vid]}]); "
+                                          "give each volume a unique id")
             seen[vid] = i
-            materials = self.materials(m.get("materials", {}), _join(p, "materials"))
-            placement = self.placement(m.get("placement", {}), _join(p, "placement"))
+            materials = self.materials(m.get("materials", {}), join(p, "materials"))
+            placement = self.placement(m.get("placement", {}), join(p, "placement"))
             out.append(VolumeSpec(id=vid, path=raw_path, resolved=resolved, relpath=rel,
                                   materials=materials, placement=placement))
         return tuple(out)
@@ -861,13 +549,13 @@ class _Validator:
             self.fail(path, "use either thresholds_hu/above or label_map/table, not both")
         if has_lab:
             if "label_map" not in m:
-                self.fail(_join(path, "label_map"), "required with 'table'")
+                self.fail(join(path, "label_map"), "required with 'table'")
             if "table" not in m:
-                self.fail(_join(path, "table"), "required with 'label_map'")
-            label_map_raw = self.string(m["label_map"], _join(path, "label_map"))
+                self.fail(join(path, "table"), "required with 'label_map'")
+            label_map_raw = self.string(m["label_map"], join(path, "label_map"))
             label_resolved, _ = self.resolve_path(label_map_raw)
-            default = self.string(m["default"], _join(path, "default")) if m.get("default") is not None else None
-            tpath = _join(path, "table")
+            default = self.string(m["default"], join(path, "default")) if m.get("default") is not None else None
+            tpath = join(path, "table")
             table_val = m["table"]
             if isinstance(table_val, str):
                 resolved, _ = self.resolve_path(table_val)
@@ -879,7 +567,7 @@ class _Validator:
                 self.fail(tpath, "must map at least one label to a material")
             rows: list[tuple[int, str]] = []
             for key, mat in t.items():
-                kp = _join(tpath, _key_text(key))
+                kp = join(tpath, key_text(key))
                 if isinstance(key, str) and re.fullmatch(r"-?\d+", key.strip()):
                     key = int(key)
                 label = self.integer(key, kp, lo=0)
@@ -889,110 +577,36 @@ class _Validator:
                                  table=tuple(rows), default=default)
         thresholds = MaterialsSpec().thresholds_hu
         if "thresholds_hu" in m:
-            tp = _join(path, "thresholds_hu")
+            tp = join(path, "thresholds_hu")
             items = self.seq(m["thresholds_hu"], tp)
             parsed: list[tuple[float, str]] = []
             for i, item in enumerate(items):
-                ip = _join(tp, i)
+                ip = join(tp, i)
                 pair = self.seq(item, ip, min_len=2, max_len=2)
-                hu = self.number(pair[0], _join(ip, 0), lo=-2000.0, hi=40000.0)
-                name = self.string(pair[1], _join(ip, 1))
+                hu = self.number(pair[0], join(ip, 0), lo=-2000.0, hi=40000.0)
+                name = self.string(pair[1], join(ip, 1))
                 if parsed and hu <= parsed[-1][0]:
-                    self.fail(_join(ip, 0), f"thresholds must increase: {hu:g} <= previous {parsed[-1][0]:g}")
+                    self.fail(join(ip, 0), f"thresholds must increase: {hu:g} <= previous {parsed[-1][0]:g}")
                 parsed.append((hu, name))
             thresholds = tuple(parsed)
-        above = self.string(m["above"], _join(path, "above")) if "above" in m else MaterialsSpec().above
+        above = self.string(m["above"], join(path, "above")) if "above" in m else MaterialsSpec().above
         return MaterialsSpec(method="thresholds", thresholds_hu=thresholds, above=above)
 
     def placement(self, value: Any, path: str) -> PlacementSpec:
         m = self.mapping(value, path, ["orientation", "offset_mm"])
-        orientation = self.choice(m.get("orientation", "HFS"), _join(path, "orientation"), ORIENTATIONS)
-        offset = self.vec3(m.get("offset_mm", [0.0, 0.0, 0.0]), _join(path, "offset_mm"))
+        orientation = self.choice(m.get("orientation", "HFS"), join(path, "orientation"), ORIENTATIONS)
+        offset = self.vec3(m.get("offset_mm", [0.0, 0.0, 0.0]), join(path, "offset_mm"))
         return PlacementSpec(orientation=orientation, offset_mm=offset)
 
-    def axis(self, value: Any, path: str, *, lo: float | None = None, lo_open: bool = False) -> AxisSpec:
-        kw = {"lo": lo, "lo_open": lo_open}
-        if isinstance(value, list):
-            items = self.seq(value, path)
-            vals = tuple(self.number(x, _join(path, i), **kw) for i, x in enumerate(items))
-            if len(set(vals)) != len(vals):
-                self.fail(path, "grid values must be distinct")
-            return AxisSpec("values", vals)
-        if not isinstance(value, dict):
-            return AxisSpec("values", (self.number(value, path, **kw),))
-        m = self.mapping(value, path, ["values", "range", "num", "step", "uniform", "normal"])
-        kinds = [k for k in ("values", "range", "uniform", "normal") if k in m]
-        if len(kinds) != 1:
-            self.fail(path, "give exactly one of values, range (with num or step), uniform, normal")
-        kind = kinds[0]
-        if kind != "range":
-            for extra in ("num", "step"):
-                if extra in m:
-                    self.fail(_join(path, extra), "only allowed with 'range'")
-        if kind == "values":
-            return self.axis(self.seq(m["values"], _join(path, "values")), _join(path, "values"), **kw)
-        if kind == "range":
-            rp = _join(path, "range")
-            pair = self.seq(m["range"], rp, min_len=2, max_len=2)
-            a = self.number(pair[0], _join(rp, 0), **kw)
-            b = self.number(pair[1], _join(rp, 1), **kw)
-            if b < a:
-                self.fail(_join(rp, 1), f"range end {b:g} is below its start {a:g}")
-            if not math.isfinite(b - a):
-                self.fail(rp, f"range [{a:g}, {b:g}] is too wide")
-            if ("num" in m) == ("step" in m):
-                self.fail(path, "a range needs exactly one of num or step")
-            if "num" in m:
-                n = self.integer(m["num"], _join(path, "num"), lo=1, hi=1_000_000)
-                if n == 1:
-                    if a != b:
-                        self.fail(_join(path, "num"), "num: 1 needs range [x, x]; use a fixed value instead")
-                    return AxisSpec("values", (a,))
-                if a == b:
-                    self.fail(_join(rp, 1), f"an empty range [{a:g}, {b:g}] cannot hold {n} distinct values")
-                vals = tuple(float(a + (b - a) * k / (n - 1)) for k in range(n))
-                return AxisSpec("values", vals)
-            step = self.number(m["step"], _join(path, "step"), lo=0.0, lo_open=True)
-            n = int(math.floor((b - a) / step + 1e-9)) + 1
-            if n > 1_000_000:
-                self.fail(_join(path, "step"), f"gives {n} values; at most 1000000")
-            return AxisSpec("values", tuple(float(a + k * step) for k in range(n)))
-        if kind == "uniform":
-            up = _join(path, "uniform")
-            pair = self.seq(m["uniform"], up, min_len=2, max_len=2)
-            a = self.number(pair[0], _join(up, 0), **kw)
-            b = self.number(pair[1], _join(up, 1), **kw)
-            if b <= a:
-                self.fail(_join(up, 1), f"upper bound {b:g} must exceed lower bound {a:g}")
-            if not math.isfinite(b - a):
-                self.fail(up, f"range [{a:g}, {b:g}] is too wide")
-            return AxisSpec("uniform", low=a, high=b)
-        np_ = _join(path, "normal")
-        nm = self.mapping(m["normal"], np_, ["mean", "std", "clip"], required=["mean", "std"])
-        mean = self.number(nm["mean"], _join(np_, "mean"))
-        std = self.number(nm["std"], _join(np_, "std"), lo=0.0, lo_open=True)
-        clip = None
-        if "clip" in nm:
-            cp = _join(np_, "clip")
-            pair = self.seq(nm["clip"], cp, min_len=2, max_len=2)
-            c0 = self.number(pair[0], _join(cp, 0), **kw)
-            c1 = self.number(pair[1], _join(cp, 1), **kw)
-            if c1 <= c0:
-                self.fail(_join(cp, 1), f"upper bound {c1:g} must exceed lower bound {c0:g}")
-            clip = (c0, c1)
-        elif lo is not None:
-            self.fail(_join(np_, "clip"), f"required for this parameter (values must stay {'>' if lo_open else '>='} "
-                                          f"{lo:g}); e.g. clip: [{max(lo, mean - 3 * std):g}, {mean + 3 * std:g}]")
-        return AxisSpec("normal", mean=mean, std=std, clip=clip)
 
     def poses(self, value: Any, path: str) -> PosesSpec:
         m = self.mapping(value, path, ["carm", "explicit", "seed"])
         if ("carm" in m) == ("explicit" in m):
             self.fail(path, "give exactly one of 'carm' (C-arm pose distribution) or 'explicit' (3x4 matrices)")
-        seed = self.integer(m["seed"], _join(path, "seed"), lo=0, hi=2**63 - 1) if "seed" in m else None
+        seed = self.integer(m["seed"], join(path, "seed"), lo=0, hi=2**63 - 1) if "seed" in m else None
         if "carm" in m:
-            return PosesSpec(carm=self.carm(m["carm"], _join(path, "carm")), seed=seed)
-        return PosesSpec(explicit=self.explicit(m["explicit"], _join(path, "explicit")), seed=seed)
+            return PosesSpec(carm=self.carm(m["carm"], join(path, "carm")), seed=seed)
+        return PosesSpec(explicit=self.explicit(m["explicit"], join(path, "explicit")), seed=seed)
 
     def carm(self, value: Any, path: str) -> CArmPoses:
         m = self.mapping(value, path, [*CARM_AXES, "isocentre_mm", "iso_jitter_mm", "samples", "enforce_limits"])
@@ -1001,38 +615,38 @@ class _Validator:
         for name in CARM_AXES:
             if name in m:
                 positive = name in ("sdd_mm", "sid_mm")
-                axes[name] = self.axis(m[name], _join(path, name), lo=0.0 if positive else None,
+                axes[name] = self.axis(m[name], join(path, name), lo=0.0 if positive else None,
                                        lo_open=positive)
             else:
                 axes[name] = d.axis(name)
-        iso = self.vec3(m.get("isocentre_mm", [0.0, 0.0, 0.0]), _join(path, "isocentre_mm"))
-        jitter = self.vec3(m.get("iso_jitter_mm", 0.0), _join(path, "iso_jitter_mm"), lo=0.0)
-        samples = self.integer(m.get("samples", 1), _join(path, "samples"), lo=1, hi=10_000_000)
-        limits = self.boolean(m.get("enforce_limits", True), _join(path, "enforce_limits"))
+        iso = self.vec3(m.get("isocentre_mm", [0.0, 0.0, 0.0]), join(path, "isocentre_mm"))
+        jitter = self.vec3(m.get("iso_jitter_mm", 0.0), join(path, "iso_jitter_mm"), lo=0.0)
+        samples = self.integer(m.get("samples", 1), join(path, "samples"), lo=1, hi=10_000_000)
+        limits = self.boolean(m.get("enforce_limits", True), join(path, "enforce_limits"))
         carm = CArmPoses(**axes, isocentre_mm=iso, iso_jitter_mm=jitter, samples=samples, enforce_limits=limits)
         if limits:
             for name, (lo, hi) in (("alpha_deg", CARM_ALPHA_RANGE_DEG), ("beta_deg", CARM_BETA_RANGE_DEG)):
                 a = axes[name]
                 amin, amax = _axis_min(a), _axis_max(a)
                 if a.kind == "normal" and a.clip is None:
-                    self.fail(_join(_join(path, name), "normal"),
+                    self.fail(join(join(path, name), "normal"),
                               f"add clip: [lo, hi] within the C-arm range [{lo:g}, {hi:g}] "
                               "(or set enforce_limits: false)")
                 if amin is not None and amin < lo:
-                    self.fail(_join(path, name), f"{amin:g} is outside the C-arm range [{lo:g}, {hi:g}] "
-                                                 "(set enforce_limits: false to allow it)")
+                    self.fail(join(path, name), f"{amin:g} is outside the C-arm range [{lo:g}, {hi:g}] "
+                                                "(set enforce_limits: false to allow it)")
                 if amax is not None and amax > hi:
-                    self.fail(_join(path, name), f"{amax:g} is outside the C-arm range [{lo:g}, {hi:g}] "
-                                                 "(set enforce_limits: false to allow it)")
+                    self.fail(join(path, name), f"{amax:g} is outside the C-arm range [{lo:g}, {hi:g}] "
+                                                "(set enforce_limits: false to allow it)")
         if samples > 1 and not carm.is_random:
-            self.fail(_join(path, "samples"), "samples > 1 needs a random axis (uniform/normal) or "
-                                              "iso_jitter_mm; otherwise every sample is the same pose")
+            self.fail(join(path, "samples"), "samples > 1 needs a random axis (uniform/normal) or "
+                                             "iso_jitter_mm; otherwise every sample is the same pose")
         # sid < sdd must hold for every pose; check bounds where they are known up front
         sdd_lo = _axis_min(axes["sdd_mm"])
         sid_hi = _axis_max(axes["sid_mm"])
         if sdd_lo is not None and sid_hi is not None and sid_hi >= sdd_lo:
-            self.fail(_join(path, "sid_mm"), f"source-isocentre distance (up to {sid_hi:g} mm) must be below the "
-                                             f"source-detector distance (from {sdd_lo:g} mm)")
+            self.fail(join(path, "sid_mm"), f"source-isocentre distance (up to {sid_hi:g} mm) must be below the "
+                                            f"source-detector distance (from {sdd_lo:g} mm)")
         return carm
 
     def explicit(self, value: Any, path: str) -> ExplicitPoses:
@@ -1043,17 +657,17 @@ class _Validator:
             self.fail(path, "give exactly one of 'matrices' (inline list) or 'file' (.npy/.json/.yaml)")
         source = None
         if "file" in m:
-            fp = _join(path, "file")
+            fp = join(path, "file")
             fname = self.string(m["file"], fp)
             resolved, _ = self.resolve_path(fname)
             raw = _load_matrix_file(resolved, lambda reason: self.fail(fp, reason))
             mp, source = fp, fname
         else:
-            raw, mp = m["matrices"], _join(path, "matrices")
+            raw, mp = m["matrices"], join(path, "matrices")
         items = self.seq(raw, mp)
         mats: list[tuple[float, ...]] = []
         for i, item in enumerate(items):
-            ip = _join(mp, i)
+            ip = join(mp, i)
             flat = self.matrix(item, ip, 3, 4)
             # M = P[:, :3] must be invertible for a pinhole camera (determinant of M scaled to entries <= 1,
             # so that huge entries cannot overflow)
@@ -1073,24 +687,25 @@ class _Validator:
         m = self.mapping(value, path, ["presets", "tube", "mono_kev", "n_bins"])
         items: list[SpectrumItem] = []
         if "presets" in m:
-            pp = _join(path, "presets")
+            pp = join(path, "presets")
             for i, name in enumerate(self.seq(self.as_list(m["presets"]), pp)):
-                s = self.string(name, _join(pp, i))
-                items.append(SpectrumItem("preset", s, key_path=_join(pp, i)))
+                s = self.string(name, join(pp, i))
+                items.append(SpectrumItem("preset", s, key_path=join(pp, i)))
         if "tube" in m:
-            tp = _join(path, "tube")
+            tp = join(path, "tube")
             t = self.mapping(m["tube"], tp, ["kvp", "al_mm", "cu_mm", "anode_angle_deg"], required=["kvp"])
-            kvps = [self.number(x, _join(_join(tp, "kvp"), i), lo=KVP_RANGE[0], hi=KVP_RANGE[1])
-                    for i, x in enumerate(self.seq(self.as_list(t["kvp"]), _join(tp, "kvp")))]
-            als = [self.number(x, _join(_join(tp, "al_mm"), i), lo=0.0, hi=100.0)
-                   for i, x in enumerate(self.seq(self.as_list(t.get("al_mm", 2.5)), _join(tp, "al_mm")))]
-            cus = [self.number(x, _join(_join(tp, "cu_mm"), i), lo=0.0, hi=20.0)
-                   for i, x in enumerate(self.seq(self.as_list(t.get("cu_mm", 0.0)), _join(tp, "cu_mm")))]
-            anode = self.number(t.get("anode_angle_deg", 12.0), _join(tp, "anode_angle_deg"), lo=0.0, hi=90.0,
+            kvps = [self.number(x, join(join(tp, "kvp"), i), lo=KVP_RANGE[0], hi=KVP_RANGE[1])
+                    for i, x in enumerate(self.seq(self.as_list(t["kvp"]), join(tp, "kvp")))]
+            als = [self.number(x, join(join(tp, "al_mm"), i), lo=0.0, hi=100.0)
+                   for i, x in enumerate(self.seq(self.as_list(t.get("al_mm", 2.5)), join(tp, "al_mm")))]
+            cus = [self.number(x, join(join(tp, "cu_mm"), i), lo=0.0, hi=20.0)
+                   for i, x in enumerate(self.seq(self.as_list(t.get("cu_mm", 0.0)), join(tp, "cu_mm")))]
+            anode = self.number(t.get("anode_angle_deg", 12.0), join(tp, "anode_angle_deg"),
+                                lo=ANODE_ANGLE_RANGE_DEG[0], hi=ANODE_ANGLE_RANGE_DEG[1],
                                 lo_open=True, hi_open=True)
             for field_name, vals in (("kvp", kvps), ("al_mm", als), ("cu_mm", cus)):
                 if len(set(vals)) != len(vals):
-                    self.fail(_join(tp, field_name), "values must be distinct")
+                    self.fail(join(tp, field_name), "values must be distinct")
             for kvp in kvps:
                 for al in als:
                     for cu in cus:
@@ -1098,61 +713,61 @@ class _Validator:
                         items.append(SpectrumItem("tube", nm, kvp=kvp, al_mm=al, cu_mm=cu, anode_angle_deg=anode,
                                                   key_path=tp))
         if "mono_kev" in m:
-            mp = _join(path, "mono_kev")
+            mp = join(path, "mono_kev")
             for i, e in enumerate(self.seq(self.as_list(m["mono_kev"]), mp)):
-                ev = self.number(e, _join(mp, i), lo=MONO_RANGE_KEV[0], hi=MONO_RANGE_KEV[1])
-                items.append(SpectrumItem("mono", f"mono:{ev:g}", energy_kev=ev, key_path=_join(mp, i)))
+                ev = self.number(e, join(mp, i), lo=MONO_RANGE_KEV[0], hi=MONO_RANGE_KEV[1])
+                items.append(SpectrumItem("mono", f"mono:{ev:g}", energy_kev=ev, key_path=join(mp, i)))
         if not items:
             self.fail(path, "name at least one spectrum (presets, tube or mono_kev)")
         names = [s.name for s in items]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             self.fail(path, f"spectrum listed twice: {', '.join(dup)}")
-        n_bins = self.integer(m["n_bins"], _join(path, "n_bins"), lo=1, hi=10_000) if "n_bins" in m else None
+        n_bins = self.integer(m["n_bins"], join(path, "n_bins"), lo=1, hi=10_000) if "n_bins" in m else None
         return SpectraSpec(items=tuple(items), n_bins=n_bins)
 
     def detector(self, value: Any, path: str) -> DetectorSpec:
         m = self.mapping(value, path, ["model", "output", "photons", "electronic_noise", "solid_angle",
                                        "csi_thickness_mm"])
         d = DetectorSpec()
-        model = self.choice(m.get("model", d.model), _join(path, "model"), DETECTOR_MODELS)
-        output = self.choice(m.get("output", d.output), _join(path, "output"), OUTPUT_TRANSFORMS)
-        pp = _join(path, "photons")
+        model = self.choice(m.get("model", d.model), join(path, "model"), DETECTORS)
+        output = self.choice(m.get("output", d.output), join(path, "output"), OUTPUTS)
+        pp = join(path, "photons")
         photons: list[int | None] = []
         for i, x in enumerate(self.seq(self.as_list(m.get("photons", None)), pp)):
-            ip = _join(pp, i)
+            ip = join(pp, i)
             photons.append(None if x is None else self.integer(x, ip, lo=1, hi=10**15))
         if len(set(photons)) != len(photons):
             self.fail(pp, "values must be distinct")
-        noise = self.number(m.get("electronic_noise", 0.0), _join(path, "electronic_noise"), lo=0.0)
-        solid = self.boolean(m.get("solid_angle", d.solid_angle), _join(path, "solid_angle"))
-        csi = self.number(m.get("csi_thickness_mm", d.csi_thickness_mm), _join(path, "csi_thickness_mm"),
+        noise = self.number(m.get("electronic_noise", 0.0), join(path, "electronic_noise"), lo=0.0)
+        solid = self.boolean(m.get("solid_angle", d.solid_angle), join(path, "solid_angle"))
+        csi = self.number(m.get("csi_thickness_mm", d.csi_thickness_mm), join(path, "csi_thickness_mm"),
                           lo=0.0, lo_open=True, hi=100.0)
         if "csi_thickness_mm" in m and model != "csi":
-            self.fail(_join(path, "csi_thickness_mm"), f"only used with model: csi (model is {_brief(model)})")
+            self.fail(join(path, "csi_thickness_mm"), f"only used with model: csi (model is {brief(model)})")
         if noise > 0 and all(p is None for p in photons):
-            self.fail(_join(path, "electronic_noise"), "electronic noise needs a photon count (photons)")
+            self.fail(join(path, "electronic_noise"), "electronic noise needs a photon count (photons)")
         return DetectorSpec(model=model, output=output, photons=tuple(photons), electronic_noise=noise,
                             solid_angle=solid, csi_thickness_mm=csi)
 
     def image(self, value: Any, path: str) -> ImageSpec:
         m = self.mapping(value, path, ["size", "pixel_mm"], required=["size", "pixel_mm"])
-        sp = _join(path, "size")
+        sp = join(path, "size")
         if isinstance(m["size"], list):
             pair = self.seq(m["size"], sp, min_len=2, max_len=2)
-            h = self.integer(pair[0], _join(sp, 0), lo=1, hi=16384)
-            w = self.integer(pair[1], _join(sp, 1), lo=1, hi=16384)
+            h = self.integer(pair[0], join(sp, 0), lo=1, hi=16384)
+            w = self.integer(pair[1], join(sp, 1), lo=1, hi=16384)
         else:
             h = w = self.integer(m["size"], sp, lo=1, hi=16384)
-        px = self.number(m["pixel_mm"], _join(path, "pixel_mm"), lo=0.0, hi=100.0, lo_open=True)
+        px = self.number(m["pixel_mm"], join(path, "pixel_mm"), lo=0.0, hi=100.0, lo_open=True)
         return ImageSpec(height=h, width=w, pixel_mm=px)
 
     def physics(self, value: Any, path: str) -> PhysicsSpec:
         m = self.mapping(value, path, ["step_voxels", "method"])
         d = PhysicsSpec()
-        step = self.number(m.get("step_voxels", d.step_voxels), _join(path, "step_voxels"), lo=0.0, lo_open=True,
-                           hi=4.0)
-        method = self.choice(m.get("method", d.method), _join(path, "method"), PHYSICS_METHODS)
+        step = self.number(m.get("step_voxels", d.step_voxels), join(path, "step_voxels"), lo=0.0, lo_open=True,
+                           hi=MAX_STEP_VOXELS)
+        method = self.choice(m.get("method", d.method), join(path, "method"), METHODS)
         return PhysicsSpec(step_voxels=step, method=method)
 
     def scatter(self, value: Any, path: str) -> ScatterSpec:
@@ -1160,35 +775,35 @@ class _Validator:
             value = {"mode": value}
         m = self.mapping(value, path, ["mode", "photons", "bins"])
         d = ScatterSpec()
-        mode = self.choice(m.get("mode", d.mode), _join(path, "mode"), SCATTER_MODES)
+        mode = self.choice(m.get("mode", d.mode), join(path, "mode"), SCATTER_MODES)
         photons = m.get("photons")
         if photons is not None:
-            photons = self.integer(photons, _join(path, "photons"), lo=1, hi=2**32 - 1)
-        bins = self.integer(m.get("bins", d.bins), _join(path, "bins"), lo=1, hi=1024)
+            photons = self.integer(photons, join(path, "photons"), lo=1, hi=MAX_SCATTER_PHOTONS)
+        bins = self.integer(m.get("bins", d.bins), join(path, "bins"), lo=1, hi=MAX_SCATTER_BINS)
         return ScatterSpec(mode=mode, photons=photons, bins=bins)
 
     def output(self, value: Any, path: str) -> OutputSpec:
         if isinstance(value, str):
             value = {"url": value}
         m = self.mapping(value, path, ["url", "formats", "shard_size", "image_dtype"], required=["url"])
-        url = _resolve_output(self.string(m["url"], _join(path, "url")))
-        fp = _join(path, "formats")
-        formats = [self.choice(f, _join(fp, i), FORMATS)
+        url = _resolve_output(self.string(m["url"], join(path, "url")))
+        fp = join(path, "formats")
+        formats = [self.choice(f, join(fp, i), FORMATS)
                    for i, f in enumerate(self.seq(self.as_list(m.get("formats", ["parquet"])), fp))]
         if len(set(formats)) != len(formats):
             self.fail(fp, "formats listed twice")
-        shard = self.integer(m.get("shard_size", 64), _join(path, "shard_size"), lo=1, hi=100_000)
-        dtype = self.choice(m.get("image_dtype", "uint16"), _join(path, "image_dtype"), IMAGE_DTYPES)
+        shard = self.integer(m.get("shard_size", 64), join(path, "shard_size"), lo=1, hi=100_000)
+        dtype = self.choice(m.get("image_dtype", "uint16"), join(path, "image_dtype"), tuple(IMAGE_DTYPES))
         return OutputSpec(url=url, formats=tuple(formats), shard_size=shard, image_dtype=dtype)
 
     def tracking(self, value: Any, path: str) -> TrackingSpec:
         if isinstance(value, bool):
             value = {"enabled": value}
         m = self.mapping(value, path, ["enabled", "experiment", "tracking_uri"])
-        enabled = self.boolean(m.get("enabled", True), _join(path, "enabled"))
-        experiment = self.string(m.get("experiment", "drrfarm"), _join(path, "experiment"))
+        enabled = self.boolean(m.get("enabled", True), join(path, "enabled"))
+        experiment = self.string(m.get("experiment", "drrfarm"), join(path, "experiment"))
         uri = m.get("tracking_uri")
-        uri = self.string(uri, _join(path, "tracking_uri")) if uri is not None else None
+        uri = self.string(uri, join(path, "tracking_uri")) if uri is not None else None
         return TrackingSpec(enabled=enabled, experiment=experiment, tracking_uri=uri)
 
     def farm(self, value: Any, path: str) -> FarmSpec:
@@ -1196,31 +811,31 @@ class _Validator:
                                        "max_actor_restarts", "cpus_per_gpu", "shard_timeout_s",
                                        "shard_timeout_floor_s", "max_actors", "switch_interval_ms"])
         d = FarmSpec()
-        actors = self._optional_count(m.get("actors"), _join(path, "actors"))
-        cpus = self.number(m.get("cpus_per_actor", d.cpus_per_actor), _join(path, "cpus_per_actor"), lo=0.0,
+        actors = self._optional_count(m.get("actors"), join(path, "actors"))
+        cpus = self.number(m.get("cpus_per_actor", d.cpus_per_actor), join(path, "cpus_per_actor"), lo=0.0,
                            lo_open=True, hi=1024)
-        retries = self.integer(m.get("max_shard_retries", d.max_shard_retries), _join(path, "max_shard_retries"),
+        retries = self.integer(m.get("max_shard_retries", d.max_shard_retries), join(path, "max_shard_retries"),
                                lo=0, hi=100)
         inflight = m.get("inflight_per_actor")
         if inflight is not None:
-            inflight = self.integer(inflight, _join(path, "inflight_per_actor"), lo=1, hi=MAX_INFLIGHT)
+            inflight = self.integer(inflight, join(path, "inflight_per_actor"), lo=1, hi=MAX_INFLIGHT)
         restarts = self.integer(m.get("max_actor_restarts", d.max_actor_restarts),
-                                _join(path, "max_actor_restarts"), lo=-1, hi=1000)
+                                join(path, "max_actor_restarts"), lo=-1, hi=1000)
         per_gpu = m.get("cpus_per_gpu")
         if per_gpu is not None:
-            per_gpu = self.number(per_gpu, _join(path, "cpus_per_gpu"), lo=0.0, lo_open=True, hi=1024)
+            per_gpu = self.number(per_gpu, join(path, "cpus_per_gpu"), lo=0.0, lo_open=True, hi=1024)
         timeout = m.get("shard_timeout_s")
         if timeout is not None:
-            timeout = self.number(timeout, _join(path, "shard_timeout_s"), lo=0.0, lo_open=True, hi=7 * 86400.0)
+            timeout = self.number(timeout, join(path, "shard_timeout_s"), lo=0.0, lo_open=True, hi=7 * 86400.0)
         floor = self.number(m.get("shard_timeout_floor_s", d.shard_timeout_floor_s),
-                            _join(path, "shard_timeout_floor_s"), lo=0.0, lo_open=True, hi=7 * 86400.0)
+                            join(path, "shard_timeout_floor_s"), lo=0.0, lo_open=True, hi=7 * 86400.0)
         switch = m.get("switch_interval_ms")
         if switch is not None:
-            switch = self.number(switch, _join(path, "switch_interval_ms"), lo=0.01, hi=100.0)
+            switch = self.number(switch, join(path, "switch_interval_ms"), lo=0.01, hi=100.0)
         return FarmSpec(actors=actors, cpus_per_actor=cpus, max_shard_retries=retries,
                         inflight_per_actor=inflight, max_actor_restarts=restarts, cpus_per_gpu=per_gpu,
                         shard_timeout_s=timeout, shard_timeout_floor_s=floor,
-                        max_actors=self._optional_count(m.get("max_actors"), _join(path, "max_actors")),
+                        max_actors=self._optional_count(m.get("max_actors"), join(path, "max_actors")),
                         switch_interval_ms=switch)
 
     def _optional_count(self, value: Any, path: str) -> int | None:
@@ -1243,16 +858,8 @@ def _axis_max(a: AxisSpec) -> float | None:
     return a.clip[1] if a.clip else None
 
 
-def _relpath(p: Path) -> str | None:
-    try:
-        rel = os.path.relpath(p, Path.cwd())
-    except ValueError:
-        return None
-    return None if rel.startswith("..") else rel
-
-
 def _default_volume_id(path: str) -> str:
-    m = _SAMPLE_RE.match(path)
+    m = SAMPLE_RE.match(path)
     if m:
         return m.group(1)
     name = path.rstrip("/").split("/")[-1] or "volume"
@@ -1266,7 +873,7 @@ def _default_volume_id(path: str) -> str:
 
 def _load_matrix_file(path: str, fail: Any) -> Any:
     """Matrices from .npy ((N,3,4)), .json or .yaml (a list of 3x4 nested lists)."""
-    if _URL_RE.match(path):
+    if URL_RE.match(path):
         fail("matrix files must be local paths")
     p = Path(path)
     if not p.is_file():
@@ -1283,7 +890,7 @@ def _load_matrix_file(path: str, fail: Any) -> Any:
         if suffix == ".json":
             return json.loads(p.read_text(encoding="utf-8"))
         if suffix in (".yaml", ".yml"):
-            return _parse_yaml(_read_limited(p))
+            return parse_yaml(read_limited(p))
     except SpecError:
         raise
     except (OSError, ValueError) as exc:
@@ -1292,6 +899,6 @@ def _load_matrix_file(path: str, fail: Any) -> Any:
         import yaml
 
         if isinstance(exc, yaml.YAMLError):
-            fail(f"cannot read {p.name}: invalid YAML{_yaml_problem(exc)}")
+            fail(f"cannot read {p.name}: invalid YAML{yaml_problem(exc)}")
         fail(f"cannot read {p.name}: {exc}")
-    fail(f"unsupported matrix file type {_brief(suffix)} (use .npy, .json or .yaml)")
+    fail(f"unsupported matrix file type {brief(suffix)} (use .npy, .json or .yaml)")

@@ -44,11 +44,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+import drrfarm
 from drrfarm.data.columns import IMAGE, decode_table, select_columns
 from drrfarm.data.splits import volume_split
 from drrfarm.errors import BackendError, SpecError, StorageError
-from drrfarm.farm.plan import WARM_POSES, Plan, make_plan
-from drrfarm.farm.spec import BACKENDS, SweepSpec, load_spec
+from drrfarm.farm.compile import camera_for, image_rows
+from drrfarm.farm.driver import connect_ray, preflight
+from drrfarm.farm.plan import WARM_POSES, Plan, image_seeds, make_plan
+from drrfarm.farm.spec import SweepSpec, load_spec
+from drrfarm.farm.worker import RenderWorker, remote_class
+from drrfarm.render import BACKENDS
+from drrfarm.sinks import ShardSink, open_store
+from drrfarm.sinks.parquet import IMAGE_CODEC_COLUMN, KNOWN_COLUMNS, DeltaPlanes
 
 if TYPE_CHECKING:  # pragma: no cover
     import os
@@ -124,8 +131,6 @@ def stream_metadata(spec: str | os.PathLike[str] | SweepSpec, *, volume_ids: Ite
     ``alpha_deg``, ``beta_deg``, ``gamma_deg``, ``sid_mm`` (float64, NaN for explicit poses), ``photons``
     (float64, NaN = noiseless), ``volume_id`` and ``shard_id`` (str objects) -- equal to what
     :func:`drrfarm.data.read_metadata` reads from the stored sweep."""
-    from drrfarm.farm.plan import image_seeds
-
     s = resolve_spec(spec)
     plan = make_plan(s)
     arrays = plan.poses.arrays
@@ -150,8 +155,6 @@ def stream_metadata(spec: str | os.PathLike[str] | SweepSpec, *, volume_ids: Ite
 
 
 def _version() -> str:
-    import drrfarm
-
     return drrfarm.__version__
 
 
@@ -159,9 +162,6 @@ def _known_columns(spec: SweepSpec, plan: Plan) -> set[str] | None:
     """Every column a streamed row can have (None: the spec has annotations, whose columns only a render knows)."""
     if spec.tools or spec.has_annotations:
         return None
-    from drrfarm.farm.worker import camera_for, image_rows
-    from drrfarm.sinks.parquet import KNOWN_COLUMNS
-
     class _Spectrum:  # image_rows only reads these
         kvp, al_mm, cu_mm, name, mean_energy_kev = 1.0, 0.0, 0.0, "", 1.0
 
@@ -208,8 +208,6 @@ class StreamRenderer:
 
     def __init__(self, spec: SweepSpec, backend: str = "cpu", inflight: int = 2,
                  backend_options: Mapping[str, Any] | None = None, max_volumes: int = 2) -> None:
-        from drrfarm.farm.worker import RenderWorker
-
         self.spec = spec
         self.plan = make_plan(spec)
         self.worker = RenderWorker(spec.with_output(STREAM_URL), backend=backend, concurrency=max(1, int(inflight)),
@@ -224,8 +222,6 @@ class StreamRenderer:
 
     def render(self, index: int) -> RenderedRows:
         """Shard ``index`` of the plan, rendered by the farm's worker (the GPU ring's uint16 where it applies)."""
-        from drrfarm.sinks.parquet import DeltaPlanes
-
         task = self.plan.task(int(index))
         shard = self.worker._render(task)
         try:
@@ -250,8 +246,6 @@ class StreamRenderer:
 
 def _rows_sink(image_dtype: str) -> Any:
     """The rows' encoder: the stored sweep's Parquet layout with the image column uncompressed, in memory."""
-    from drrfarm.sinks import ShardSink, open_store
-
     return ShardSink(open_store(STREAM_URL, probe=False), formats=("parquet",), image_dtype=image_dtype,
                      parquet_compression="none")
 
@@ -273,8 +267,6 @@ def shard_rows(shard: RenderedRows, image_dtype: str, columns: Sequence[str] | s
     """A rendered shard as the batch of rows :func:`drrfarm.data.read_drrs` reads from the stored shard:
     ``image`` (B, H, W) plus the metadata ``columns`` (numpy; :func:`drrfarm.data.decode_table`), rows in image
     order."""
-    from drrfarm.sinks.parquet import IMAGE_CODEC_COLUMN
-
     tab = shard_table(shard, image_dtype)
     out = decode_table(tab, select_columns(tab.schema, columns), float_line_integral=float_line_integral)
     if IMAGE_CODEC_COLUMN in out:  # what the stored shard holds (the stream's own bytes were raw)
@@ -325,8 +317,6 @@ def _ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        from drrfarm.farm.driver import connect_ray
-
         connect_ray(None)  # a local Ray on 127.0.0.1 (or RAY_ADDRESS), as `drrfarm sweep` starts
 
 
@@ -367,8 +357,6 @@ def _start_actors(s: SweepSpec, n_shards: int, actors: int | None, gpus_per_acto
     options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": float(gpus_per_actor) if use_gpu else 0,
                                "max_concurrency": inflight, "max_restarts": s.farm.max_actor_restarts,
                                "max_task_retries": 2}
-    from drrfarm.farm.worker import remote_class
-
     actor = remote_class(StreamRenderer).options(**options)
     handles = [actor.remote(s, actor_backend, inflight, backend_options, max_volumes) for _ in range(n)]
     return _Actors(handles, inflight)
@@ -396,8 +384,6 @@ def _dataset(s: SweepSpec, order: Sequence[tuple[int, int]], pool: _Actors, colu
 
 def _prepare(spec: str | os.PathLike[str] | SweepSpec, backend: str | None, columns: Sequence[str] | str | None
              ) -> tuple[SweepSpec, Plan]:
-    from drrfarm.farm.driver import preflight
-
     s = resolve_spec(spec, backend)
     plan = make_plan(s)
     preflight(plan, check_local_files=not _ray_client())  # a Ray Client's cluster sees other files

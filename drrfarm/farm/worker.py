@@ -5,10 +5,14 @@ wraps it with ``ray.remote`` and :func:`actor_options` picks its resources: ``nu
 node's CPUs per GPU with the CUDA backend (Ray pins the actor to its GPU through
 ``CUDA_VISIBLE_DEVICES``), else ``num_cpus`` with the CPU backend.
 
+The actor is a shell around compile -> render -> sink: what the spec means in the domain's objects comes
+from :mod:`drrfarm.farm.compile`, the images from a :mod:`drrfarm.render` backend, the files from a
+:class:`~drrfarm.sinks.ShardSink`.
+
 A shard's journey through an actor (a threaded actor: ``concurrency`` shards at once, each on its own
 thread, so one renders while the others are encoded and written):
 
-1. cameras, rows and tables on the host;
+1. compile (:mod:`drrfarm.farm.compile`): the shard's cameras, physics, spectrum and rows on the host;
 2. render. CUDA backend: the batch is enqueued (``render_async``) into a slot of the actor's
    :class:`~drrfarm.render.cuda.ImageRing` -- reusable GPU + page-locked buffers, quantised to the
    stored dtype on the GPU (uint16: bit for bit what the CPU quantiser makes of the float render), so
@@ -33,6 +37,7 @@ shards to actors that already have their volume.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import socket
@@ -48,203 +53,34 @@ import numpy as np
 
 import drrfarm
 from drrfarm.errors import BackendError, DrrfarmError, StorageError
+from drrfarm.farm.compile import (
+    CameraCache,
+    cameras_for,
+    image_rows,
+    load_material_volume,
+    physics_for,
+    scatter_columns,
+    spectrum_request,
+    storage_scale,
+)
 from drrfarm.farm.plan import Pose, ShardTask
-from drrfarm.farm.spec import SpectrumItem, SweepSpec, VolumeSpec
+from drrfarm.farm.scene import VolumeScene
+from drrfarm.farm.spec import SweepSpec
 from drrfarm.inputs import resolve_input
-from drrfarm.sinks.parquet import DeltaPlanes
-
-
-def spectrum_request(item: SpectrumItem, n_bins: int | None) -> str | dict[str, Any]:
-    """Argument for :func:`drrfarm.spectrum.get_spectrum` for one spectrum of the spec."""
-    req = item.request()
-    if n_bins is None or item.kind == "mono":
-        return req
-    if item.kind == "preset":
-        return {"preset": item.name, "bins": n_bins}
-    assert isinstance(req, dict)
-    return {**req, "bins": n_bins}
-
-
-def physics_for(spec: SweepSpec, photons: float | None) -> Any:
-    """The :class:`drrfarm.physics.Physics` of one photon setting of ``spec``."""
-    from drrfarm.physics import Physics
-
-    d = spec.detector
-    return Physics(detector=d.model, output=d.output, photons=float(photons) if photons is not None else None,
-                   electronic_noise=d.electronic_noise,
-                   csi_thickness_mm=d.csi_thickness_mm, solid_angle=d.solid_angle,
-                   step_voxels=spec.physics.step_voxels, method=spec.physics.method,
-                   **scatter_options(spec))
-
-
-def scatter_columns(physics: Any, backend_name: str, seconds: float, n_images: int) -> dict[str, Any]:
-    """Per-image scatter columns: the mode, the Monte Carlo histories used and the seconds spent (its cost)."""
-    if physics.scatter == "none":
-        return {"scatter": "none"}
-    from drrfarm.scatter import photons_for
-
-    photons = photons_for(physics, "cuda" if backend_name == "cuda" else "cpu")
-    return {"scatter": physics.scatter, "scatter_photons": photons, "scatter_seconds": seconds / max(1, n_images)}
-
-
-def scatter_options(spec: SweepSpec) -> dict[str, Any]:
-    """The :class:`drrfarm.physics.Physics` scatter fields of ``spec`` (none without a ``scatter`` section)."""
-    s = spec.scatter
-    if s is None:
-        return {}
-    return {"scatter": s.mode, "scatter_photons": s.photons, "scatter_bins": s.bins}
-
-
-def camera_for(spec: SweepSpec, pose: Pose) -> Any:
-    """The :class:`drrfarm.geometry.Camera` of one pose (image size/pixel from ``spec.image``)."""
-    return cameras_for(spec, [pose])[0]
-
-
-def cameras_for(spec: SweepSpec, poses: list[Pose] | tuple[Pose, ...]) -> list[Any]:
-    """The cameras of many poses (as :func:`camera_for` for each): C-arm poses built together, per C-arm."""
-    from drrfarm.geometry import Camera
-
-    img = spec.image
-    cams: list[Any] = [None] * len(poses)
-    groups: dict[tuple[float, float], list[int]] = {}
-    for i, pose in enumerate(poses):
-        if pose.kind == "explicit":
-            P = np.asarray(pose.P, dtype=np.float64).reshape(3, 4)
-            cams[i] = Camera.from_projection(P, img.height, img.width, img.pixel_mm)
-        else:
-            groups.setdefault((pose.sdd_mm or 1020.0, pose.sid_mm or 530.0), []).append(i)
-    carm = spec.poses.carm
-    enforce = carm.enforce_limits if carm is not None else True
-    for (sdd, sid), members in groups.items():
-        arm = _carm(sdd, sid, img.height, img.width, img.pixel_mm, enforce)
-        group = [poses[i] for i in members]
-        built = arm.cameras([p.alpha_deg for p in group], [p.beta_deg for p in group],
-                            [p.gamma_deg for p in group], [p.isocentre_world_mm for p in group])
-        for i, cam in zip(members, built, strict=True):
-            cams[i] = cam
-    return cams
-
-
-@functools.lru_cache(maxsize=256)
-def _carm(sdd_mm: float, sid_mm: float, height: int, width: int, pixel_mm: float, enforce_limits: bool) -> Any:
-    """The (immutable, validated) C-arm of a pose's distances and the image geometry, built once."""
-    from drrfarm.geometry import CArm
-
-    return CArm(sdd_mm=sdd_mm, sid_mm=sid_mm, height=height, width=width, pixel_mm=pixel_mm,
-                enforce_limits=enforce_limits)
-
-
-def load_material_volume(vspec: VolumeSpec) -> tuple[Any, Any, np.ndarray]:
-    """Load and segment one volume of the spec: ``(Volume, MaterialVolume, world_from_patient (4,4))``."""
-    from drrfarm.geometry import world_from_patient_default
-    from drrfarm.volume import load_volume, segment_by_labels, segment_by_thresholds
-
-    volume = load_volume(resolve_input(vspec.resolved, vspec.relpath))
-    m = vspec.materials
-    if m.method == "labels":
-        table: Any = dict(m.table) if m.table is not None else resolve_input(m.table_path_resolved or "")
-        label_map = resolve_input(m.label_map_resolved or "")
-        mv = segment_by_labels(volume, label_map, table, default=m.default)
-    else:
-        mv = segment_by_thresholds(volume, thresholds_hu=m.thresholds_hu, above=m.above)
-    wfp = world_from_patient_default(volume.centre_patient_mm(), orientation=vspec.placement.orientation,
-                                     isocentre_world_mm=vspec.placement.offset_mm)
-    return volume, mv, wfp
-
-
-def storage_scale(output: str) -> float:
-    """Fixed uint16 storage scale of an output transform (``stored = round(value / scale)``), so every
-    shard of a sweep shares one scale (:data:`drrfarm.physics.UINT16_SCALE`)."""
-    from drrfarm.physics import UINT16_SCALE
-
-    return float(UINT16_SCALE[output])
-
-
-def camera_columns(cam: Any) -> dict[str, Any]:
-    """The camera's columns of an image row: size, pixel pitch, K, R, t, P and source (flat, row-major)."""
-    return cameras_columns([cam])[0]
-
-
-def cameras_columns(cams: list[Any]) -> list[dict[str, Any]]:
-    """:func:`camera_columns` of many cameras (the matrices flattened together)."""
-    if not cams:
-        return []
-    K = np.stack([c.K for c in cams])
-    R = np.stack([c.R for c in cams])
-    t = np.stack([c.t for c in cams])
-    P = np.matmul(K, np.concatenate([R, t[:, :, None]], axis=2))
-    source = -np.matmul(np.swapaxes(R, 1, 2), t[:, :, None])[:, :, 0]
-    flat = {name: a.reshape(len(cams), -1).tolist() for name, a in
-            (("K", K), ("R", R), ("t", t), ("P", P), ("source_world_mm", source))}
-    return [{"height": int(c.height), "width": int(c.width), "pixel_mm": float(c.pixel_mm),
-             "K": flat["K"][i], "R": flat["R"][i], "t": flat["t"][i], "P": flat["P"][i],
-             "source_world_mm": flat["source_world_mm"][i], "sdd_mm": float(c.sdd_mm)}
-            for i, c in enumerate(cams)]
-
-
-class CameraCache:
-    """Cameras (and their row columns) of a sweep's poses, by pose index: every spectrum and photon
-    setting of a pose renders the same camera, so each is built and validated once (bounded, FIFO)."""
-
-    def __init__(self, spec: SweepSpec, max_entries: int = 50_000) -> None:
-        self.spec = spec
-        self.max_entries = max_entries
-        self._entries: dict[int, tuple[Any, dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-
-    def get_many(self, poses: list[Pose] | tuple[Pose, ...]) -> list[tuple[Any, dict[str, Any]]]:
-        """``(Camera, camera_columns)`` of each pose; the missing ones built together."""
-        entries = self._entries
-        found = [entries.get(p.index) for p in poses]
-        missing = [p for p, e in zip(poses, found, strict=True) if e is None]
-        if not missing:
-            return found  # type: ignore[return-value]
-        cams = cameras_for(self.spec, missing)
-        built = dict(zip((p.index for p in missing), zip(cams, cameras_columns(cams), strict=True), strict=True))
-        with self._lock:
-            for index, entry in built.items():
-                if len(entries) >= self.max_entries:
-                    entries.pop(next(iter(entries)))
-                entries[index] = entry
-        return [e if e is not None else built[p.index] for p, e in zip(poses, found, strict=True)]
-
-
-def image_rows(spec: SweepSpec, task: ShardTask, cameras: list[Any], spectrum: Any, photons: float | None,
-               volume_id: str, volume_sha256: str, columns: list[dict[str, Any]] | None = None
-               ) -> list[dict[str, Any]]:
-    """Per-image metadata rows (the columns every shard carries, see the sinks contract); ``columns``:
-    the cameras' :func:`camera_columns`, if already known."""
-    columns = columns or cameras_columns(list(cameras))
-    shared = {  # the same in every row of the shard
-        "shard_id": task.shard_id, "sweep_id": task.sweep_id, "volume_id": volume_id, "volume_sha256": volume_sha256,
-        "kvp": float(spectrum.kvp) if spectrum.kvp is not None else None,
-        "al_mm": float(spectrum.al_mm or 0.0), "cu_mm": float(spectrum.cu_mm or 0.0),
-        "spectrum_name": str(spectrum.name), "mean_energy_kev": float(spectrum.mean_energy_kev),
-        "photons": int(photons) if photons is not None else None,
-        "detector": spec.detector.model, "output": spec.detector.output,
-    }
-    rows = []
-    for pose, cols, idx, seed in zip(task.poses, columns, task.image_indices, task.seeds, strict=True):
-        carm = pose.kind == "carm"
-        rows.append({
-            "image_index": int(idx), "seed": int(seed), **shared, **cols,
-            "alpha_deg": float(pose.alpha_deg) if carm else None,
-            "beta_deg": float(pose.beta_deg) if carm else None,
-            "gamma_deg": float(pose.gamma_deg) if carm else None,
-            "isocentre_world_mm": list(pose.isocentre_world_mm) if carm else None,
-            "sid_mm": float(pose.sid_mm) if carm and pose.sid_mm is not None else None,
-            "pose_index": int(pose.index),
-        })
-    return rows
+from drrfarm.physics import Physics
+from drrfarm.render import get_backend
+from drrfarm.sinks import ShardSink
+from drrfarm.sinks.parquet import DeltaPlanes, encode_parquet
+from drrfarm.spectrum import Spectrum, get_spectrum
 
 
 class _Resident:
     __slots__ = ("handle", "info", "scene")
 
-    def __init__(self, handle: Any, info: dict[str, Any], scene: Any = None) -> None:
+    def __init__(self, handle: Any, info: dict[str, Any], scene: VolumeScene | None = None) -> None:
         self.handle = handle
         self.info = info
-        self.scene = scene  # drrfarm.farm.scene.VolumeScene, or None without tools/labels/landmarks
+        self.scene = scene  # None without tools/labels/landmarks
 
 
 @dataclass
@@ -291,8 +127,6 @@ class RenderWorker:
                  concurrency: int = 2, max_volumes: int = 2, backend_options: dict[str, Any] | None = None,
                  warm_up: bool = True, encode_threads: int | None = None,
                  switch_interval_s: float | None = None) -> None:
-        from drrfarm.sinks import ShardSink
-
         if switch_interval_s is not None:
             sys.setswitchinterval(float(switch_interval_s))
 
@@ -303,8 +137,8 @@ class RenderWorker:
         self._backend: Any = None
         self.max_volumes = max(1, int(max_volumes))
         self._volumes: OrderedDict[int, _Resident] = OrderedDict()
-        self._spectra: dict[int, Any] = {}
-        self._physics: dict[int, Any] = {}  # by photon setting
+        self._spectra: dict[int, Spectrum] = {}
+        self._physics: dict[int, Physics] = {}  # by photon setting
         self._cameras = CameraCache(spec)
         self._render_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -331,8 +165,6 @@ class RenderWorker:
             self.spectrum(i)
         with contextlib.suppress(ImportError):
             import pyarrow.parquet  # noqa: F401
-
-            from drrfarm.sinks.parquet import encode_parquet
 
             # one-off set-up of zstd, the Parquet writer and pyarrow's conversions (which import pandas)
             encode_parquet(np.zeros((2, 2, 2), np.uint16), [{"image_index": 0}, {"image_index": 1}], {})
@@ -412,8 +244,6 @@ class RenderWorker:
     # -- resources ---------------------------------------------------------------------------------
     def backend(self) -> Any:
         if self._backend is None:
-            from drrfarm.render import get_backend
-
             try:
                 backend = get_backend(self.backend_name, **self._backend_options)
             except DrrfarmError:
@@ -430,7 +260,7 @@ class RenderWorker:
         res, loaded = self._resident(index)
         return res.handle, res.info, loaded
 
-    def scene(self, index: int) -> Any:
+    def scene(self, index: int) -> VolumeScene | None:
         """The :class:`~drrfarm.farm.scene.VolumeScene` of volume ``index`` (None without tools/labels/landmarks)."""
         return self._resident(index)[0].scene
 
@@ -457,8 +287,6 @@ class RenderWorker:
             del volume, mv
             scene = None
             if self.spec.tools or self.spec.has_annotations:
-                from drrfarm.farm.scene import VolumeScene
-
                 scene = VolumeScene(self.spec, index, wfp, resolve_input)
             res = _Resident(handle, info, scene)
             with self._state_lock:
@@ -467,16 +295,14 @@ class RenderWorker:
                     self._volumes.popitem(last=False)
             return res, True
 
-    def spectrum(self, index: int) -> Any:
+    def spectrum(self, index: int) -> Spectrum:
         s = self._spectra.get(index)
         if s is None:
-            from drrfarm.spectrum import get_spectrum
-
             s = get_spectrum(spectrum_request(self.spec.spectra.items[index], self.spec.spectra.n_bins))
             self._spectra[index] = s
         return s
 
-    def physics(self, index: int) -> Any:
+    def physics(self, index: int) -> Physics:
         """The :class:`~drrfarm.physics.Physics` of photon setting ``index`` of the spec (built once)."""
         p = self._physics.get(index)
         if p is None:
@@ -632,8 +458,6 @@ def _entry_dict(entry: Any) -> dict[str, Any]:
     to_dict = getattr(entry, "to_dict", None)
     if callable(to_dict):
         return dict(to_dict())
-    import dataclasses
-
     if dataclasses.is_dataclass(entry):
         return dataclasses.asdict(entry)
     return {"repr": repr(entry)}
@@ -677,5 +501,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["RenderWorker", "actor_options", "camera_for", "image_rows", "load_material_volume", "physics_for",
-           "remote_class", "render_actor_class", "spectrum_request"]
+__all__ = ["RenderWorker", "RenderedShard", "actor_options", "default_encode_threads", "remote_class",
+           "render_actor_class"]

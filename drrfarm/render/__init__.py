@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "cuda_available", "get_backend", "meshes_per_image", "output_material_names"]
 
+#: Backend names :func:`get_backend` takes (``auto``: CUDA when a GPU is present, else the CPU).
+BACKENDS = ("auto", "cpu", "cuda")
+
 
 class Backend(Protocol):
     """What the farm and the CLI need from a renderer."""
