@@ -316,8 +316,8 @@ def test_loader_masks_landmarks_and_poses_are_right(rendered: tuple[Any, Path]) 
 
 
 def test_tool_poses_are_deterministic_per_volume_and_pose(rendered: tuple[Any, Path]) -> None:
-    from drrfarm.inputs import resolve_input
     from drrfarm.farm.scene import VolumeScene
+    from drrfarm.inputs import resolve_input
 
     spec, _ = rendered
     scene = VolumeScene(spec, 0, np.eye(4), resolve_input)
