@@ -1,4 +1,4 @@
-"""The scatter Monte Carlo on the CPU (the spec of kernels/scatter.cu): interaction data, angular
+"""The scatter Monte Carlo on the CPU (the spec of scatter/scatter.cu): interaction data, angular
 samplers, narrow-beam attenuation, energy bookkeeping, the scatter-to-primary ratio of a 20 cm water
 slab against published Monte Carlo, the fast estimate and scatter in the noise model."""
 

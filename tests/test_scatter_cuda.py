@@ -1,4 +1,4 @@
-"""kernels/scatter.cu against the CPU reference Monte Carlo (the same photon histories from the same
+"""scatter/scatter.cu against the CPU reference Monte Carlo (the same photon histories from the same
 seeds), the narrow-beam and slab checks at GPU photon counts, and the fast estimate on the chest CT.
 GPU only. On a GPU host without xraydb/xraylib/SpekPy the tables come from ``$DRRFARM_SCATTER_TABLES_NPZ``."""
 

@@ -1,4 +1,4 @@
-"""The scatter Monte Carlo on the CPU (NumPy, float64): the executable spec of ``kernels/scatter.cu``.
+"""The scatter Monte Carlo on the CPU (NumPy, float64): the executable spec of ``scatter/scatter.cu``.
 
 One photon's history, with ``u[0..3]`` the four uniforms of one Philox block (counter = photon,
 draw; see :mod:`drrfarm.scatter.philox`):
