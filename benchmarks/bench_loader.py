@@ -48,6 +48,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs"))
+from train_pose import steady_window  # noqa: E402 - the training job's 10-90 % window (stdlib-only import)
+
 COLUMNS = ["alpha_deg", "beta_deg", "image_scale"]
 #: images written per size when no --dataset is given
 DEFAULT_COUNTS = {256: 2048, 512: 1024, 1024: 256}
@@ -125,15 +128,12 @@ def subset(desc: dict[str, Any], images: int | None) -> tuple[dict[str, Any] | N
     return {"shard_id": ids}, total
 
 
-def mid_epoch_rate(marks: list[tuple[float, int]], lo: float = 0.1, hi: float = 0.9) -> float:
-    """Images/s between the batches that complete ``lo`` and ``hi`` of an epoch's images (the steady state inside
-    an epoch, without the read's start-up and the pipeline's drain); ``marks``: (seconds, images so far)."""
-    if len(marks) < 3:
-        return float("nan")
-    total = marks[-1][1]
-    a = next(m for m in marks if m[1] >= lo * total)
-    b = next(m for m in marks if m[1] >= hi * total)
-    return (b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else float("nan")
+def mid_epoch_rate(marks: list[tuple[float, int]]) -> float:
+    """Images/s between the batches that complete 10 % and 90 % of an epoch's images (the steady state inside an
+    epoch, without the read's start-up and the pipeline's drain; the window ``jobs/train_pose.py`` reports);
+    ``marks``: (seconds, images so far)."""
+    window = steady_window(marks)
+    return window[2] / (window[1] - window[0]) if window is not None else float("nan")
 
 
 def timed_epochs(make_iter: Any, epochs: int, pixel_bytes: int, sync: Any = None) -> dict[str, Any]:

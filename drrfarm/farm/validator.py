@@ -247,6 +247,18 @@ class Validator:
         p = Path(os.path.normpath(p))
         return str(p), relpath(p)
 
+    def number_pair(self, value: Any, path: str, **kw: Any) -> tuple[float, float]:
+        """``[a, b]``: exactly two numbers (``kw``: :meth:`number`'s bounds on each)."""
+        pair = self.seq(value, path, min_len=2, max_len=2)
+        return self.number(pair[0], join(path, 0), **kw), self.number(pair[1], join(path, 1), **kw)
+
+    def bounds(self, value: Any, path: str, **kw: Any) -> tuple[float, float]:
+        """``[lower, upper]`` with upper > lower (``kw``: :meth:`number`'s bounds on each)."""
+        a, b = self.number_pair(value, path, **kw)
+        if b <= a:
+            self.fail(join(path, 1), f"upper bound {b:g} must exceed lower bound {a:g}")
+        return a, b
+
     def axis(self, value: Any, path: str, *, lo: float | None = None, lo_open: bool = False) -> AxisSpec:
         kw = {"lo": lo, "lo_open": lo_open}
         if isinstance(value, list):
@@ -270,9 +282,7 @@ class Validator:
             return self.axis(self.seq(m["values"], join(path, "values")), join(path, "values"), **kw)
         if kind == "range":
             rp = join(path, "range")
-            pair = self.seq(m["range"], rp, min_len=2, max_len=2)
-            a = self.number(pair[0], join(rp, 0), **kw)
-            b = self.number(pair[1], join(rp, 1), **kw)
+            a, b = self.number_pair(m["range"], rp, **kw)
             if b < a:
                 self.fail(join(rp, 1), f"range end {b:g} is below its start {a:g}")
             if not math.isfinite(b - a):
@@ -296,11 +306,7 @@ class Validator:
             return AxisSpec("values", tuple(float(a + k * step) for k in range(n)))
         if kind == "uniform":
             up = join(path, "uniform")
-            pair = self.seq(m["uniform"], up, min_len=2, max_len=2)
-            a = self.number(pair[0], join(up, 0), **kw)
-            b = self.number(pair[1], join(up, 1), **kw)
-            if b <= a:
-                self.fail(join(up, 1), f"upper bound {b:g} must exceed lower bound {a:g}")
+            a, b = self.bounds(m["uniform"], up, **kw)
             if not math.isfinite(b - a):
                 self.fail(up, f"range [{a:g}, {b:g}] is too wide")
             return AxisSpec("uniform", low=a, high=b)
@@ -310,13 +316,7 @@ class Validator:
         std = self.number(nm["std"], join(np_, "std"), lo=0.0, lo_open=True)
         clip = None
         if "clip" in nm:
-            cp = join(np_, "clip")
-            pair = self.seq(nm["clip"], cp, min_len=2, max_len=2)
-            c0 = self.number(pair[0], join(cp, 0), **kw)
-            c1 = self.number(pair[1], join(cp, 1), **kw)
-            if c1 <= c0:
-                self.fail(join(cp, 1), f"upper bound {c1:g} must exceed lower bound {c0:g}")
-            clip = (c0, c1)
+            clip = self.bounds(nm["clip"], join(np_, "clip"), **kw)
         elif lo is not None:
             self.fail(join(np_, "clip"), f"required for this parameter (values must stay {'>' if lo_open else '>='} "
                                          f"{lo:g}); e.g. clip: [{max(lo, mean - 3 * std):g}, {mean + 3 * std:g}]")
