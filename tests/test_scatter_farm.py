@@ -44,7 +44,7 @@ def test_worker_adds_scatter_and_reports_its_cost(phantoms: Path, tmp_path: Path
     for mode in ("none", "fast"):
         out = tmp_path / mode
         spec = load_spec(write_spec(tmp_path / f"{mode}.yaml", base_spec(
-            phantoms, out, scatter={"mode": mode, "photons": 20_000}, **common)))
+            phantoms, out, scatter={"mode": mode, "photons": 2_000}, **common)))
         task = make_plan(spec).task(0)
         w = RenderWorker(spec, run_id="r", backend="cpu")
         stats = w.render_shard(task)
@@ -53,7 +53,7 @@ def test_worker_adds_scatter_and_reports_its_cost(phantoms: Path, tmp_path: Path
         got[mode] = (dequantize(images, np.array([r["image_scale"] for r in rows])), rows, stats)
     (plain, rows0, stats0), (fast, rows1, stats1) = got["none"], got["fast"]
     assert rows0[0]["scatter"] == "none" and rows0[0]["scatter_seconds"] is None and stats0["scatter_s"] == 0
-    assert rows1[0]["scatter"] == "fast" and rows1[0]["scatter_photons"] == 20_000
+    assert rows1[0]["scatter"] == "fast" and rows1[0]["scatter_photons"] == 2_000
     assert rows1[0]["scatter_seconds"] > 0 and stats1["scatter_s"] == pytest.approx(
         sum(r["scatter_seconds"] for r in rows1))
     # scatter only adds signal (transmission), most where the phantom is

@@ -34,13 +34,15 @@ MESH_PARAMS_DTYPE = np.dtype([
 SCATTER_PARAMS_DTYPE = np.dtype([
     ("dens", "<u8"), ("mu", "<u8"), ("majorant", "<u8"), ("compton_s", "<u8"), ("rayleigh_cdf", "<u8"),
     ("eta", "<u8"), ("spec_kev", "<u8"), ("spec_cdf", "<u8"), ("cams", "<u8"), ("keys", "<u8"), ("tally", "<u8"),
-    ("energy", "<u8"), ("interactions", "<u8"), ("pad_ptr", "<u8"),
+    ("energy", "<u8"), ("interactions", "<u8"), ("events", "<u8"),
     ("ijk_from_world", "<f8", (12,)),
-    ("e0", "<f8"), ("de", "<f8"), ("x_step", "<f8"), ("signal_norm", "<f8"), ("count_norm", "<f8"), ("pad_d", "<f8"),
+    ("e0", "<f8"), ("de", "<f8"), ("x_step", "<f8"), ("signal_norm", "<f8"), ("count_norm", "<f8"),
+    ("forced_step_mm", "<f8"),
     ("photons", "<i8"),
     ("I", "<i4"), ("J", "<i4"), ("K", "<i4"), ("M", "<i4"), ("NE", "<i4"), ("NX", "<i4"), ("NB", "<i4"), ("H", "<i4"),
     ("W", "<i4"), ("Ht", "<i4"), ("Wt", "<i4"), ("solid_angle", "<i4"), ("signal_per_photon", "<i4"),
-    ("n_img", "<i4"), ("pad_i0", "<i4"), ("pad_i1", "<i4"),
+    ("n_img", "<i4"), ("forced", "<i4"), ("event_capacity", "<i4"), ("event_counts", "<u8"), ("forced_norms", "<u8"),
+    ("cutoff_kev", "<f8"),
 ])
 
 #: C struct name -> its NumPy mirror.

@@ -5,8 +5,9 @@ to the primary image:
 
 * ``monte_carlo``: photon transport through the material volume (:mod:`drrfarm.scatter.reference`
   on the CPU, ``scatter/scatter.cu`` on a GPU, the same histories from the same seeds);
-* ``fast``: the same Monte Carlo on a coarsened volume with few histories, low-passed
-  (:mod:`drrfarm.scatter.fast`).
+* ``fast``: the same photon transport on a coarsened volume with few histories, its scatter scored by
+  forced detection (:mod:`drrfarm.scatter.forced`: every collision adds its expected contribution to
+  every bin of a coarse grid; :mod:`drrfarm.scatter.fast` holds the coarsening).
 
 Either gives, per image, the scatter **signal** (τ units: detector signal relative to the open
 field) and scatter **counts** (q units: detected photons relative to the open field), tallied on a
@@ -25,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from drrfarm.physics import SCATTER_MODES
-from drrfarm.scatter.fast import coarsen_volume, coarsening_factors, gaussian_lowpass, upsample_bilinear
+from drrfarm.scatter.fast import coarsen_volume, coarsening_factors, upsample_bilinear
+from drrfarm.scatter.forced import simulate_forced
 from drrfarm.scatter.reference import ScatterTally, ScatterVolume, default_tally_shape, simulate
 from drrfarm.scatter.tables import TransportTables, transport_tables
 
@@ -43,9 +45,13 @@ __all__ = [
 
 #: Histories per image when ``scatter_photons`` is not given, per mode and engine.
 DEFAULT_PHOTONS = {("monte_carlo", "cuda"): 50_000_000, ("monte_carlo", "cpu"): 2_000_000,
-                   ("fast", "cuda"): 500_000, ("fast", "cpu"): 100_000}
-FAST_VOXEL_MM = 4.0  # the fast estimate's coarse voxels (scatter does not resolve finer detail)
-FAST_MAX_BINS = 32
+                   ("fast", "cuda"): 5_000, ("fast", "cpu"): 5_000}
+FAST_VOXEL_MM = 8.0  # the fast estimate's coarse voxels, and its transmission step (scatter is smooth)
+FAST_MAX_BINS = 8  # the fast estimate's grid: its value at each bin's centre, interpolated to the detector
+#: The fast estimate absorbs photons below this energy where they are: in tissue they hardly reach the detector
+#: (0.15 % of the chest CT's scatter comes from collisions below it; docs/scatter.md), and following them
+#: through ~1 mm Woodcock steps would set the kernel's time.
+FAST_CUTOFF_KEV = 25.0
 
 
 def default_photons(mode: str, engine: str) -> int:
@@ -58,20 +64,11 @@ def photons_for(physics: Any, engine: str) -> int:
     return int(physics.scatter_photons or default_photons(physics.scatter, engine))
 
 
-def lowpass_sigma_bins(photons_per_bin: np.ndarray, photons_per_kernel: float = 400.0) -> float:
-    """Gaussian σ (tally bins) of the fast estimate's low-pass, from the tally's own statistics: the kernel's
-    effective area ``4πσ²`` holds about ``photons_per_kernel`` detected scatter photons (≈ 5 % noise);
-    σ between 0.5 bin and a quarter of the tally's longest side. ``photons_per_bin``: (H_t, W_t)."""
-    mean = max(float(np.mean(photons_per_bin)), 1e-12)
-    sigma = np.sqrt(photons_per_kernel / (4.0 * np.pi * mean))
-    return float(np.clip(sigma, 0.5, max(photons_per_bin.shape) / 4.0))
-
-
 @dataclass
 class ScatterImage:
-    """One image's scatter: ``signal_tally`` / ``counts_tally`` (H_t, W_t) in τ / q units (low-passed for
-    ``fast``) and their bilinear interpolation to the detector, ``signal`` / ``counts`` (H, W); the raw
-    tally, the mode, histories and seconds spent (its cost)."""
+    """One image's scatter: ``signal_tally`` / ``counts_tally`` (H_t, W_t) in τ / q units (for ``fast``
+    forced detection's values at the bins' centres) and their bilinear interpolation to the detector,
+    ``signal`` / ``counts`` (H, W); the raw tally, the mode, histories and seconds spent (its cost)."""
 
     signal_tally: np.ndarray
     counts_tally: np.ndarray
@@ -124,12 +121,18 @@ class ScatterEstimator:
         return twin
 
     def tallies(self, key: str, volume: ScatterVolume, tables: TransportTables, cameras: Sequence[Any],
-                photons: int, seeds: Sequence[int], tally_shape: tuple[int, int], solid_angle: bool
-                ) -> list[ScatterTally]:
+                photons: int, seeds: Sequence[int], tally_shape: tuple[int, int], solid_angle: bool,
+                forced_step_mm: float | None = None, cutoff_kev: float = 0.0) -> list[ScatterTally]:
+        """Monte Carlo tallies of ``cameras``; ``forced_step_mm``: scatter by forced detection, photons below
+        ``cutoff_kev`` absorbed where they are."""
         if self._gpu is not None:
             res = self._gpu.resident(key, volume)
             return self._gpu.simulate(res, tables, cameras, photons, seeds, tally_shape=tally_shape,
-                                      solid_angle=solid_angle)
+                                      solid_angle=solid_angle, forced_step_mm=forced_step_mm, cutoff_kev=cutoff_kev)
+        if forced_step_mm:
+            return [simulate_forced(volume, tables, cam, photons, seed, step_mm=forced_step_mm,
+                                    tally_shape=tally_shape, solid_angle=solid_angle, cutoff_kev=cutoff_kev)
+                    for cam, seed in zip(cameras, seeds, strict=True)]
         return [simulate(volume, tables, cam, photons, seed, tally_shape=tally_shape, solid_angle=solid_angle)
                 for cam, seed in zip(cameras, seeds, strict=True)]
 
@@ -151,14 +154,10 @@ class ScatterEstimator:
         H, W = int(cameras[0].height), int(cameras[0].width)
         shape = default_tally_shape(H, W, FAST_MAX_BINS if fast else physics.scatter_bins)
         vkey = f"{key}/{'coarse' if fast else 'full'}"
-        tallies = self.tallies(vkey, vol, tables, cameras, photons, seeds, shape, physics.solid_angle)
-        out = []
-        for cam, t in zip(cameras, tallies, strict=True):
-            sig, cnt = t.scatter_signal, t.scatter_counts
-            if fast:
-                sigma = lowpass_sigma_bins(cnt * (photons / cnt.size))
-                sig, cnt = gaussian_lowpass(sig, sigma), gaussian_lowpass(cnt, sigma)
-            out.append(ScatterImage(sig, cnt, int(cam.height), int(cam.width), t, mode, photons, 0.0))
+        tallies = self.tallies(vkey, vol, tables, cameras, photons, seeds, shape, physics.solid_angle,
+                               FAST_VOXEL_MM if fast else None, FAST_CUTOFF_KEV if fast else 0.0)
+        out = [ScatterImage(t.scatter_signal, t.scatter_counts, int(cam.height), int(cam.width), t, mode, photons,
+                            0.0) for cam, t in zip(cameras, tallies, strict=True)]
         elapsed = time.perf_counter() - t0
         self.seconds += elapsed
         for s in out:

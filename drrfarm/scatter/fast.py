@@ -1,11 +1,11 @@
-"""The fast scatter estimate: the same Monte Carlo, cheap, then a low-pass.
+"""The fast scatter estimate's volume and grid: the Monte Carlo on a coarsened volume, its forced-detection
+values at the centres of a coarse grid (:mod:`drrfarm.scatter.forced`) interpolated to the detector.
 
-Scatter is a low-frequency signal, so the estimate (1) runs the Monte Carlo on the volume coarsened
-to voxels of about ``FAST_VOXEL_MM`` (block means of each material's density, integer factors per
-axis: fewer, larger voxels that stay in cache), (2) with far fewer histories, tallied on a coarse
-detector grid, and (3) smooths the tally with a normalised Gaussian whose width follows the tally's
-own statistics (normalised so the field edges are not darkened). Everything physical (cross
-sections, angular distributions, detector model) is the full Monte Carlo's.
+Scatter is a low-frequency signal, so the estimate (1) runs the transport on the volume coarsened to voxels
+of about ``FAST_VOXEL_MM`` (block means of each material's density, integer factors per axis: fewer, larger
+voxels that stay in cache), (2) scores each collision's expected scatter on a grid of at most
+``FAST_MAX_BINS`` per side, and (3) interpolates that grid bilinearly to the detector. Everything physical
+(cross sections, angular distributions, detector model) is the full Monte Carlo's.
 """
 
 from __future__ import annotations
@@ -37,24 +37,6 @@ def coarsen_volume(volume: ScatterVolume, factors: int | tuple[int, int, int]) -
     scale = np.diag([*map(float, f), 1.0])
     scale[:3, 3] = (np.asarray(f, dtype=np.float64) - 1.0) / 2.0
     return ScatterVolume(coarse, volume.world_from_ijk @ scale, list(volume.material_names))
-
-
-def _smoothing_matrix(n: int, sigma: float) -> np.ndarray:
-    """(n, n) row-normalised Gaussian weights: row i averages the samples near i that exist."""
-    x = np.arange(n, dtype=np.float64)
-    w = np.exp(-0.5 * ((x[:, None] - x[None, :]) / sigma) ** 2)
-    return w / w.sum(axis=1, keepdims=True)
-
-
-def gaussian_lowpass(image: np.ndarray, sigma_bins: float) -> np.ndarray:
-    """Normalised separable Gaussian smoothing of a 2-D array: each output bin is the Gaussian-weighted
-    mean of the bins that exist around it, so the field edges are not darkened."""
-    img = np.asarray(image, dtype=np.float64)
-    if sigma_bins <= 0:
-        return img
-    rows = _smoothing_matrix(img.shape[0], sigma_bins)
-    cols = _smoothing_matrix(img.shape[1], sigma_bins)
-    return rows @ img @ cols.T
 
 
 def upsample_bilinear(tally: np.ndarray, height: int, width: int) -> np.ndarray:

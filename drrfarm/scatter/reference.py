@@ -249,8 +249,9 @@ class _Tallies:
 
 
 def _detect(pos: np.ndarray, d: np.ndarray, energy: np.ndarray, weight: np.ndarray, scattered: np.ndarray,
-            camera: Any, tables: TransportTables, tallies: _Tallies) -> None:
-    """Book photons leaving the volume (world position/direction (N, 3)) on the detector tallies."""
+            camera: Any, tables: TransportTables, tallies: _Tallies, book_scatter: bool = True) -> None:
+    """Book photons leaving the volume (world position/direction (N, 3)) on the detector tallies
+    (scattered ones only with ``book_scatter``: forced detection scores them at their collisions)."""
     tallies.energy["escaped"] += float(np.sum(weight * energy))
     R, t, K = camera.R, camera.t, camera.K
     c = pos @ R.T + t
@@ -277,13 +278,19 @@ def _detect(pos: np.ndarray, d: np.ndarray, energy: np.ndarray, weight: np.ndarr
     sig = w * tables.signal_weight(e)
     cnt = w * tables.count_weight(e)
     for prefix, sel in (("scatter", sc), ("primary", ~sc)):
-        if sel.any():
+        if sel.any() and (book_scatter or prefix == "primary"):
             tallies.arrays[f"{prefix}_signal"].reshape(-1)[:] += np.bincount(flat[sel], sig[sel], Ht * Wt)
             tallies.arrays[f"{prefix}_counts"].reshape(-1)[:] += np.bincount(flat[sel], cnt[sel], Ht * Wt)
 
 
 def _chunk(volume: ScatterVolume, tables: TransportTables, majorant: np.ndarray, camera: Any, first: int,
-           count: int, seed: int, image: int, solid_angle: bool, tallies: _Tallies) -> None:
+           count: int, seed: int, image: int, solid_angle: bool, tallies: _Tallies,
+           events: list[np.ndarray] | None = None, cutoff_kev: float = 0.0) -> None:
+    """Histories ``first`` .. ``first + count - 1``; with ``events`` (forced detection) every real collision
+    is appended to it as (N, EVENT_FIELDS) rows and scattered photons reaching the panel are not booked.
+    Photons below ``cutoff_kev`` (and always below the tables' first energy) are absorbed where they are."""
+    book_scatter = events is None
+    cold_kev = max(tables.e0_kev, float(cutoff_kev))
     photon = np.arange(first, first + count, dtype=np.uint64)
     draw = np.zeros(count, dtype=np.uint64)
     u = uniforms(photon, draw, image, seed)
@@ -303,10 +310,13 @@ def _chunk(volume: ScatterVolume, tables: TransportTables, majorant: np.ndarray,
     shape = volume.shape
     t_in, t_out = box_interval(src @ A[:3, :3].T + A[:3, 3], d @ A[:3, :3].T, shape)
     enters = t_out > np.maximum(t_in, 0.0)
+    low = energy < cutoff_kev  # emitted below the cutoff: absorbed at once, not transported
+    tallies.energy["deposited"] += float(np.sum(weight[low] * energy[low]))
     scattered = np.zeros(count, dtype=bool)
-    _detect(src[~enters], d[~enters], energy[~enters], weight[~enters], scattered[~enters], camera, tables, tallies)
+    missed = ~enters & ~low
+    _detect(src[missed], d[missed], energy[missed], weight[missed], scattered[missed], camera, tables, tallies)
 
-    act = np.nonzero(enters)[0]
+    act = np.nonzero(enters & ~low)[0]
     pos = src[act] + np.maximum(t_in[act], 0.0)[:, None] * d[act]
     dirs = d[act]
     remaining = t_out[act] - np.maximum(t_in[act], 0.0)
@@ -324,7 +334,8 @@ def _chunk(volume: ScatterVolume, tables: TransportTables, majorant: np.ndarray,
         leaving = step >= remaining
         if leaving.any():
             out_pos = pos[leaving] + remaining[leaving, None] * dirs[leaving]
-            _detect(out_pos, dirs[leaving], en[leaving], wt[leaving], sc[leaving], camera, tables, tallies)
+            _detect(out_pos, dirs[leaving], en[leaving], wt[leaving], sc[leaving], camera, tables, tallies,
+                    book_scatter)
             keep = ~leaving
             pos, dirs, remaining, ph, dr, en, wt, sc, step, mu_max = (
                 a[keep] for a in (pos, dirs, remaining, ph, dr, en, wt, sc, step, mu_max))
@@ -344,6 +355,8 @@ def _chunk(volume: ScatterVolume, tables: TransportTables, majorant: np.ndarray,
         real = u[1] * mu_max < mu_local
         if real.any():
             r = np.nonzero(real)[0]
+            if events is not None:
+                events.append(np.concatenate([pos[r], dirs[r], en[r, None], wt[r, None]], axis=1))
             choice = np.argmax(cum[r] > (u[2, r] * mu_local[r])[:, None], axis=1)
             material, kind = choice // 3, choice % 3
             dead = np.zeros(ph.size, dtype=bool)
@@ -371,7 +384,7 @@ def _chunk(volume: ScatterVolume, tables: TransportTables, majorant: np.ndarray,
                 p_ijk = pos[idx] @ A[:3, :3].T + A[:3, 3]
                 _, exit_t = box_interval(p_ijk, dirs[idx] @ A[:3, :3].T, shape)
                 remaining[idx] = np.maximum(exit_t, 0.0)
-                cold = idx[en[idx] < tables.e0_kev]
+                cold = idx[en[idx] < cold_kev]
                 tallies.energy["deposited"] += float(np.sum(wt[cold] * en[cold]))
                 dead[cold] = True
             if dead.any():
@@ -382,8 +395,14 @@ def _chunk(volume: ScatterVolume, tables: TransportTables, majorant: np.ndarray,
 
 def simulate(volume: ScatterVolume, tables: TransportTables, camera: Any, photons: int, seed: int, *,
              image: int = 0, tally_shape: tuple[int, int] | None = None, solid_angle: bool = False,
-             chunk: int = 1 << 17) -> ScatterTally:
-    """Monte Carlo of ``photons`` histories for one camera on the CPU (see the module docstring)."""
+             chunk: int = 1 << 17, events: list[np.ndarray] | None = None, cutoff_kev: float = 0.0
+             ) -> ScatterTally:
+    """Monte Carlo of ``photons`` histories for one camera on the CPU (see the module docstring).
+
+    ``events``: a list that receives every real collision (forced detection,
+    :func:`drrfarm.scatter.forced.simulate_forced`); the scatter tallies then stay empty. ``cutoff_kev``:
+    photons below it are absorbed where they are, from their emission on (the fast estimate's cut).
+    """
     t0 = time.perf_counter()
     shape = tally_shape or default_tally_shape(camera.height, camera.width)
     tallies = _Tallies(shape)
@@ -391,7 +410,7 @@ def simulate(volume: ScatterVolume, tables: TransportTables, camera: Any, photon
     photons = int(photons)
     for first in range(0, photons, chunk):
         _chunk(volume, tables, majorant, camera, first, min(chunk, photons - first), seed, image, solid_angle,
-               tallies)
+               tallies, events, cutoff_kev)
     per_bin = photons / float(shape[0] * shape[1])
     return ScatterTally(
         **{k: v / per_bin for k, v in tallies.arrays.items()}, photons=photons, energy_kev=dict(tallies.energy),

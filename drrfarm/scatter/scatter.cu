@@ -119,6 +119,7 @@ __device__ void detect(const Ray& r, double e, double g, bool scattered, const d
     const double eta = interp_energy(reinterpret_cast<const double*>(p.eta), e, p);
     const double sig = g * ((p.signal_per_photon ? e * eta : eta) / p.signal_norm);
     const double cnt = g * (eta / p.count_norm);
+    if (scattered && p.forced) return;  // forced detection scores scatter at the collisions
     const int bins = p.Ht * p.Wt;
     const int bin = (int)bv * p.Wt + (int)bu;
     float* base = tally + (scattered ? 0 : 2 * bins);
@@ -206,6 +207,22 @@ __device__ double sample_rayleigh(double e, int m, u64 photon, u32& draw, uint2 
     return cos_t;
 }
 
+// Forced detection: keep a real collision (position, direction, energy, weight) for scatter_forced.
+__device__ __forceinline__ void record_event(const Ray& r, double e, double g, int img, const ScatterParams& p) {
+    u64* count = reinterpret_cast<u64*>(p.event_counts) + img;
+    const u64 slot = atomicAdd(reinterpret_cast<unsigned long long*>(count), 1ull);
+    if (slot >= (u64)p.event_capacity) return;  // the host sees the count and runs again with room
+    double* ev = reinterpret_cast<double*>(p.events) + ((size_t)img * p.event_capacity + slot) * 8;
+    ev[0] = r.px;
+    ev[1] = r.py;
+    ev[2] = r.pz;
+    ev[3] = r.dx;
+    ev[4] = r.dy;
+    ev[5] = r.dz;
+    ev[6] = e;
+    ev[7] = g;
+}
+
 extern "C" __global__ void scatter_mc(const ScatterParams p) {
     const int img = blockIdx.y;
     const double* cam = reinterpret_cast<const double*>(p.cams) + (size_t)img * SCATTER_CAM_STRIDE;
@@ -249,6 +266,10 @@ extern "C" __global__ void scatter_mc(const ScatterParams p) {
             g = c * c * c;
         }
         book.emitted += g * e;
+        if (e < p.cutoff_kev) {  // below the cutoff: absorbed at once, not transported
+            book.deposited += g * e;
+            continue;
+        }
         double t_in, t_out;
         box_interval(r, p, t_in, t_out);
         const double t0 = fmax(t_in, 0.0);
@@ -297,6 +318,7 @@ extern "C" __global__ void scatter_mc(const ScatterParams p) {
                 }
             }
             if (!(u.u1 * mu_max < mu_local)) continue;  // virtual collision
+            if (p.forced) record_event(r, e, g, img, p);
             const double target = u.u2 * mu_local;
             double c = 0.0;
             int chosen = 3 * p.M - 1;
@@ -333,7 +355,7 @@ extern "C" __global__ void scatter_mc(const ScatterParams p) {
             double ti, to;
             box_interval(r, p, ti, to);
             remaining = fmax(to, 0.0);
-            if (e < p.e0) {
+            if (e < p.e0 || e < p.cutoff_kev) {
                 book.deposited += g * e;
                 break;
             }
@@ -348,4 +370,189 @@ extern "C" __global__ void scatter_mc(const ScatterParams p) {
     atomicAdd(ic + 0, book.photo);
     atomicAdd(ic + 1, book.compton);
     atomicAdd(ic + 2, book.rayleigh);
+}
+
+// ------------------------------------------------------------------------------- forced detection
+// The GPU twin of drrfarm/scatter/forced.py (score_events): one thread per tally bin (blockDim.x = Ht Wt),
+// each block walks collisions ev = blockIdx.x, + gridDim.x, ... of image blockIdx.y and adds each one's
+// expected scatter on its bin (Compton and Rayleigh over every material, the transmission from the collision
+// to the bin's centre at the scattered energy, the bin's solid angle and the detector weight); one float
+// atomic per bin and block at the end. All arithmetic in float64, in the reference's order.
+
+__device__ __forceinline__ double row_at_x(const double* row, double x, const ScatterParams& p) {
+    return interp_x(row, x, p);
+}
+
+__device__ __forceinline__ double form_factor_sq(const double* cdf, double x, const ScatterParams& p) {
+    int j = (int)floor(x / p.x_step);
+    j = min(max(j, 0), p.NX - 2);
+    const double s0 = (p.x_step * j) * (p.x_step * j);
+    const double s1 = (p.x_step * (j + 1)) * (p.x_step * (j + 1));
+    return (cdf[j + 1] - cdf[j]) / (s1 - s0);
+}
+
+__device__ __forceinline__ double detector_weight(double e, bool signal, const ScatterParams& p) {
+    const double eta = interp_energy(reinterpret_cast<const double*>(p.eta), e, p);
+    if (!signal) return eta / p.count_norm;
+    return (p.signal_per_photon ? e * eta : eta) / p.signal_norm;
+}
+
+// Line integrals of the NM materials' densities from (pi0, pj0, pk0) along (di, dj, dk) (index space per mm):
+// midpoints of n steps of h mm from t0, nearest voxel. NM is a template constant so that the sums stay in
+// registers (a runtime-sized array would live in local memory and cost a round trip per step).
+template <int NM>
+__device__ __forceinline__ void march(const float* __restrict__ dens, const ScatterParams& p, double pi0, double pj0,
+                                      double pk0, double di, double dj, double dk, double t0, double h, long long n,
+                                      double* lines) {
+    double acc[NM];
+#pragma unroll
+    for (int m = 0; m < NM; ++m) acc[m] = 0.0;
+#pragma unroll 4
+    for (long long s = 0; s < n; ++s) {  // unrolled: the steps' loads do not depend on each other
+        const double tt = t0 + ((double)s + 0.5) * h;
+        const int i = min(max((int)floor(pi0 + tt * di + 0.5), 0), p.I - 1);
+        const int j = min(max((int)floor(pj0 + tt * dj + 0.5), 0), p.J - 1);
+        const int k = min(max((int)floor(pk0 + tt * dk + 0.5), 0), p.K - 1);
+        const float* w = dens + (((size_t)i * p.J + j) * p.K + k) * NM;
+#pragma unroll
+        for (int m = 0; m < NM; ++m) acc[m] += (double)__ldg(w + m) * h;
+    }
+#pragma unroll
+    for (int m = 0; m < NM; ++m) lines[m] = acc[m];
+}
+
+extern "C" __global__ void scatter_forced(const ScatterParams p) {
+    const int img = blockIdx.y;
+    const int bins = p.Ht * p.Wt;
+    const int bin = threadIdx.x;
+    if (bin >= bins) return;
+    const double* cam = reinterpret_cast<const double*>(p.cams) + (size_t)img * SCATTER_CAM_STRIDE;
+    const float* dens = reinterpret_cast<const float*>(p.dens);
+    const double* mu = reinterpret_cast<const double*>(p.mu);
+    const double* norms = reinterpret_cast<const double*>(p.forced_norms);
+    const double* A = p.ijk_from_world;
+    const u64 recorded = reinterpret_cast<const u64*>(p.event_counts)[img];
+    const u64 n_events = recorded < (u64)p.event_capacity ? recorded : (u64)p.event_capacity;
+    const double* events = reinterpret_cast<const double*>(p.events) + (size_t)img * p.event_capacity * 8;
+
+    // the bin's centre on the panel (world) and the panel's normal; one bin's area
+    const double sdd = cam[18];
+    const double K00 = cam[12], K01 = cam[13], K02 = cam[14], K11 = cam[16], K12 = cam[17];
+    const int bu = bin % p.Wt, bv = bin / p.Wt;
+    const double u = ((double)bu + 0.5) * ((double)p.W / (double)p.Wt) - 0.5;
+    const double v = ((double)bv + 0.5) * ((double)p.H / (double)p.Ht) - 0.5;
+    const double Y = (v - K12) * sdd / K11;
+    const double X = ((u - K02) * sdd - K01 * Y) / K00;
+    const double* R = cam;
+    const double cx = X - cam[9], cy = Y - cam[10], cz = sdd - cam[11];
+    const double qx = R[0] * cx + R[3] * cy + R[6] * cz;  // R^T (c - t)
+    const double qy = R[1] * cx + R[4] * cy + R[7] * cz;
+    const double qz = R[2] * cx + R[5] * cy + R[8] * cz;
+    const double nx = R[6], ny = R[7], nz = R[8];
+    const double area = sdd * sdd / (K00 * K11) * ((double)p.W / (double)p.Wt) * ((double)p.H / (double)p.Ht);
+
+    double acc_sig = 0.0, acc_cnt = 0.0;
+    double lines[8];  // per material line integral (M <= 8, checked by the host)
+    for (u64 ev = blockIdx.x; ev < n_events; ev += gridDim.x) {
+        const double* E8 = events + ev * 8;
+        const double px = E8[0], py = E8[1], pz = E8[2];
+        const double ddx = E8[3], ddy = E8[4], ddz = E8[5];
+        const double e = E8[6], g = E8[7];
+        // the collision's voxel and the chance of each scatter there
+        const int vi = min(max((int)floor(A[0] * px + A[1] * py + A[2] * pz + A[3] + 0.5), 0), p.I - 1);
+        const int vj = min(max((int)floor(A[4] * px + A[5] * py + A[6] * pz + A[7] + 0.5), 0), p.J - 1);
+        const int vk = min(max((int)floor(A[8] * px + A[9] * py + A[10] * pz + A[11] + 0.5), 0), p.K - 1);
+        const float* vox = dens + (((size_t)vi * p.J + vj) * p.K + vk) * p.M;
+        double fe = (e - p.e0) / p.de;
+        fe = fmin(fmax(fe, 0.0), (double)p.NE - 1.000001);
+        const int ie = (int)fe;
+        const double we = fe - (double)ie;
+        double mu_local = 0.0;
+        for (int m = 0; m < p.M; ++m) {
+            for (int q = 0; q < 3; ++q) {
+                const double* row = mu + ((size_t)m * 3 + q) * p.NE;
+                mu_local += (double)vox[m] * (row[ie] * (1.0 - we) + row[ie + 1] * we) / 10.0;
+            }
+        }
+        if (!(mu_local > 0.0)) continue;
+        // the line to the bin
+        double vx = qx - px, vy = qy - py, vz = qz - pz;
+        const double dist = sqrt(vx * vx + vy * vy + vz * vz);
+        vx /= dist;
+        vy /= dist;
+        vz /= dist;
+        const double d_omega = area * fmax(vx * nx + vy * ny + vz * nz, 0.0) / (dist * dist);
+        double cos_t = ddx * vx + ddy * vy + ddz * vz;
+        cos_t = fmin(fmax(cos_t, -1.0), 1.0);
+        // line integrals through the volume: midpoints of ceil(L / step) equal steps, nearest voxel
+        Ray ray;
+        ray.px = px;
+        ray.py = py;
+        ray.pz = pz;
+        ray.dx = vx;
+        ray.dy = vy;
+        ray.dz = vz;
+        double t_in, t_out;
+        box_interval(ray, p, t_in, t_out);
+        const double t0 = fmax(t_in, 0.0);
+        const double t1 = fmin(t_out, dist);
+        const double span = t1 > t0 ? t1 - t0 : 0.0;
+        const long long n = (long long)ceil(span / p.forced_step_mm);
+        const double h = n > 0 ? span / (double)n : 0.0;
+        const double pi0 = A[0] * px + A[1] * py + A[2] * pz + A[3];
+        const double pj0 = A[4] * px + A[5] * py + A[6] * pz + A[7];
+        const double pk0 = A[8] * px + A[9] * py + A[10] * pz + A[11];
+        const double di = A[0] * vx + A[1] * vy + A[2] * vz;
+        const double dj = A[4] * vx + A[5] * vy + A[6] * vz;
+        const double dk = A[8] * vx + A[9] * vy + A[10] * vz;
+        switch (p.M) {
+            case 1: march<1>(dens, p, pi0, pj0, pk0, di, dj, dk, t0, h, n, lines); break;
+            case 2: march<2>(dens, p, pi0, pj0, pk0, di, dj, dk, t0, h, n, lines); break;
+            case 3: march<3>(dens, p, pi0, pj0, pk0, di, dj, dk, t0, h, n, lines); break;
+            case 4: march<4>(dens, p, pi0, pj0, pk0, di, dj, dk, t0, h, n, lines); break;
+            case 5: march<5>(dens, p, pi0, pj0, pk0, di, dj, dk, t0, h, n, lines); break;
+            case 6: march<6>(dens, p, pi0, pj0, pk0, di, dj, dk, t0, h, n, lines); break;
+            case 7: march<7>(dens, p, pi0, pj0, pk0, di, dj, dk, t0, h, n, lines); break;
+            default: march<8>(dens, p, pi0, pj0, pk0, di, dj, dk, t0, h, n, lines); break;
+        }
+        // Compton: E' on this line; Rayleigh: E
+        const double eps = 1.0 / (1.0 + e / ELECTRON_REST_ENERGY_KEV * (1.0 - cos_t));
+        const double e_c = e * eps;
+        const double x = e / HC_KEV_ANGSTROM * sqrt(fmax(0.5 * (1.0 - cos_t), 0.0));
+        const double kn_shape = eps * eps * (eps + 1.0 / eps - (1.0 - cos_t * cos_t));
+        const double ray_shape = 0.5 * (1.0 + cos_t * cos_t);
+        double fc = (e_c - p.e0) / p.de;
+        fc = fmin(fmax(fc, 0.0), (double)p.NE - 1.000001);
+        const int ic = (int)fc;
+        const double wc = fc - (double)ic;
+        double tau_c = 0.0, tau_r = 0.0, pc = 0.0, pr = 0.0;
+        for (int m = 0; m < p.M; ++m) {
+            const double* r0 = mu + ((size_t)m * 3 + 0) * p.NE;
+            const double* r1 = mu + ((size_t)m * 3 + 1) * p.NE;
+            const double* r2 = mu + ((size_t)m * 3 + 2) * p.NE;
+            const double mu_c = (r0[ic] * (1.0 - wc) + r0[ic + 1] * wc) + (r1[ic] * (1.0 - wc) + r1[ic + 1] * wc)
+                              + (r2[ic] * (1.0 - wc) + r2[ic + 1] * wc);
+            const double mu_r = (r0[ie] * (1.0 - we) + r0[ie + 1] * we) + (r1[ie] * (1.0 - we) + r1[ie + 1] * we)
+                              + (r2[ie] * (1.0 - we) + r2[ie + 1] * we);
+            tau_c += mu_c / 10.0 * lines[m];
+            tau_r += mu_r / 10.0 * lines[m];
+            const double rho = (double)vox[m];
+            const double p_c = rho * (r1[ie] * (1.0 - we) + r1[ie + 1] * we) / 10.0 / mu_local;
+            const double p_r = rho * (r2[ie] * (1.0 - we) + r2[ie + 1] * we) / 10.0 / mu_local;
+            const double s = row_at_x(reinterpret_cast<const double*>(p.compton_s) + (size_t)m * p.NX, x, p);
+            const double f2 = form_factor_sq(reinterpret_cast<const double*>(p.rayleigh_cdf) + (size_t)m * p.NX, x, p);
+            const double* nc = norms + (size_t)m * p.NE;
+            const double* nr = norms + ((size_t)p.M + m) * p.NE;
+            pc += p_c * kn_shape * s / (nc[ie] * (1.0 - we) + nc[ie + 1] * we);
+            pr += p_r * f2 * ray_shape / (nr[ie] * (1.0 - we) + nr[ie + 1] * we);
+        }
+        const double wgt = g * d_omega;
+        const double sc = wgt * pc * exp(-tau_c);
+        const double sr = wgt * pr * exp(-tau_r);
+        acc_sig += sc * detector_weight(e_c, true, p) + sr * detector_weight(e, true, p);
+        acc_cnt += sc * detector_weight(e_c, false, p) + sr * detector_weight(e, false, p);
+    }
+    float* tally = reinterpret_cast<float*>(p.tally) + (size_t)img * 4 * bins;
+    atomicAdd(tally + bin, (float)acc_sig);
+    atomicAdd(tally + bins + bin, (float)acc_cnt);
 }

@@ -73,13 +73,16 @@ struct ScatterParams {
     u64 tally;         // float* (n_img, 4, Ht, Wt)
     u64 energy;        // double* (n_img, 4)
     u64 interactions;  // u64* (n_img, 3)
-    u64 pad_ptr;
+    u64 events;        // forced detection: double* (n_img, event_capacity, 8) collisions (pos, dir, E, weight)
     double ijk_from_world[12];  // 3x4 row-major
-    double e0, de, x_step, signal_norm, count_norm, pad_d;
+    double e0, de, x_step, signal_norm, count_norm, forced_step_mm;
     long long photons;          // per image
     int I, J, K, M;
     int NE, NX, NB, H;
     int W, Ht, Wt, solid_angle;
-    int signal_per_photon, n_img, pad_i0, pad_i1;
+    int signal_per_photon, n_img, forced, event_capacity;  // forced: 1 = score scatter by forced detection
+    u64 event_counts;  // u64* (n_img) collisions recorded (may exceed event_capacity: then some were dropped)
+    u64 forced_norms;  // const double* (2, M, NE) angular normalisations, Compton then Rayleigh
+    double cutoff_kev;  // photons below it are absorbed where they are (0: only below the tables' first energy)
 };
-static_assert(sizeof(ScatterParams) == 328, "ScatterParams must match SCATTER_PARAMS_DTYPE (328 bytes)");
+static_assert(sizeof(ScatterParams) == 352, "ScatterParams must match SCATTER_PARAMS_DTYPE (352 bytes)");
