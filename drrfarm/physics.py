@@ -81,7 +81,7 @@ class Physics:
     solid_angle: bool = False  # apply the cos³θ inverse-square/obliquity fall-off
     step_voxels: float = 0.5  # trilinear march step, in units of the smallest voxel spacing
     method: str = "trilinear"  # "trilinear" (uniform march) or "joseph" (slice stepping)
-    scatter: str = "none"  # "none", "fast" (low-count Monte Carlo + low-pass) or "monte_carlo" (drrfarm.scatter)
+    scatter: str = "none"  # "none", "fast" (few histories, forced detection) or "monte_carlo" (drrfarm.scatter)
     scatter_photons: int | None = None  # Monte Carlo histories per image; None: the mode's default
     scatter_bins: int = 64  # longest side of the scatter tally grid (monte_carlo; fast uses 32)
 
