@@ -45,7 +45,7 @@ __all__ = [
 
 #: Histories per image when ``scatter_photons`` is not given, per mode and engine.
 DEFAULT_PHOTONS = {("monte_carlo", "cuda"): 50_000_000, ("monte_carlo", "cpu"): 2_000_000,
-                   ("fast", "cuda"): 5_000, ("fast", "cpu"): 5_000}
+                   ("fast", "cuda"): 10_000, ("fast", "cpu"): 5_000}
 FAST_VOXEL_MM = 8.0  # the fast estimate's coarse voxels, and its transmission step (scatter is smooth)
 FAST_MAX_BINS = 8  # the fast estimate's grid: its value at each bin's centre, interpolated to the detector
 #: The fast estimate absorbs photons below this energy where they are: in tissue they hardly reach the detector
