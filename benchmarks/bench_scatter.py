@@ -23,14 +23,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 from scatter_cases import axis_camera, slab_volume, tables_for  # noqa: E402
 
 
-def chest() -> tuple:
-    """(material volume, world_from_patient, its Monte Carlo volume's maker) of the sample chest CT."""
+def chest(path: str | None = None) -> tuple:
+    """(material volume, world_from_patient, its Monte Carlo volume's maker) of the sample chest CT (or the CT
+    at ``path``)."""
     from drrfarm.geometry import world_from_patient_default
     from drrfarm.samples.downloads import chest_ct
     from drrfarm.scatter import ScatterVolume
     from drrfarm.volume import load_volume, segment_by_thresholds
 
-    vol = load_volume(str(chest_ct()))
+    vol = load_volume(path or str(chest_ct()))
     mv = segment_by_thresholds(vol)
     wfp = world_from_patient_default(vol.centre_patient_mm())
     return mv, wfp, lambda: ScatterVolume(mv.densities_g_cm3, wfp @ mv.patient_from_ijk, mv.material_names)
@@ -87,6 +88,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--ct", help="CT file (default: the sample chest CT)")
     ap.add_argument("--reference-photons", type=int, default=200_000_000)
     ap.add_argument("--fast-photons", type=int, default=None, help="fast estimate histories (default: its default)")
     args = ap.parse_args()
@@ -99,7 +101,7 @@ def main() -> int:
     from drrfarm.scatter import ScatterEstimator
     from drrfarm.scatter.cuda import CudaScatter
 
-    mv, wfp, make = chest()
+    mv, wfp, make = chest(args.ct)
     tables = tables_for("90KV_AL40", mv.material_names)
     est = ScatterEstimator("cuda")
     gpu: CudaScatter = est._gpu
