@@ -4,7 +4,8 @@ it is used: in the reader's call (a Ray read task) and to count the cluster's CP
 
 Images are decoded where the data is read -- one task per file, or per row group when files are fewer than
 twice the cluster's CPUs -- straight from the Parquet cells into the output arrays, so decoding uses every
-core and the training process only slices ready (B, H, W) arrays.
+core and the training process only slices ready (B, H, W) arrays. On an object store a task fetches its file,
+or its row group, with one request (:class:`~drrfarm.data.parquet_io.ParquetShard`).
 """
 
 from __future__ import annotations
