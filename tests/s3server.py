@@ -47,10 +47,17 @@ def _make_server_class():  # moto imported lazily: only tests that use the fixtu
     from werkzeug.serving import make_server
 
     class _TrackingHandler(MotoRequestHandler):
-        """Records its client socket so that stop() can cut keep-alive connections."""
+        """Records its client socket so that stop() can cut keep-alive connections, and every request
+        (method, path, Range header) for tests that count them."""
 
         live: set[socket.socket]
         lock: threading.Lock
+        seen: list[tuple[str, str, str | None]]
+
+        def run_wsgi(self) -> None:
+            with self.lock:
+                self.seen.append((self.command, self.path, self.headers.get("Range")))
+            super().run_wsgi()
 
         def setup(self) -> None:
             super().setup()
@@ -67,7 +74,8 @@ def _make_server_class():  # moto imported lazily: only tests that use the fixtu
 
         def __init__(self, port: int) -> None:
             super().__init__(ip_address="127.0.0.1", port=port, verbose=False)
-            self._handler = type("Handler", (_TrackingHandler,), {"live": set(), "lock": threading.Lock()})
+            self._handler = type("Handler", (_TrackingHandler,),
+                                 {"live": set(), "lock": threading.Lock(), "seen": []})
             self.running = False
 
         def _server_entry(self) -> None:
@@ -128,6 +136,15 @@ class S3Server:
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint_url, **kwargs)
+
+    def requests(self, clear: bool = False) -> list[tuple[str, str, str | None]]:
+        """The requests served so far (or since the last ``clear``): (method, path with query, Range header)."""
+        handler = self._server._handler  # type: ignore[attr-defined]
+        with handler.lock:
+            out = list(handler.seen)
+            if clear:
+                handler.seen.clear()
+        return out
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)

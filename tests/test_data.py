@@ -545,6 +545,25 @@ def test_mixed_codecs_through_every_reader(ray_local, mixed_ds):
     assert sorted(seen) == sorted(written)
 
 
+def test_torch_loader_persistent_workers_follow_set_epoch(uint16_ds):
+    """loader() keeps its workers between epochs: set_epoch still reaches them (a new shuffle each epoch, the
+    order a fresh loader gives for that epoch)."""
+    from drrfarm.data import DrrIterableDataset
+
+    url, written = uint16_ds
+    ds = DrrIterableDataset(url, ["seed"], batch_size=4, shuffle=True, seed=5)
+    kept = ds.loader(num_workers=2, pin_memory=False)  # persistent_workers=True
+    orders = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        orders.append([s for b in kept for s in b["seed"].tolist()])
+        fresh = ds.loader(num_workers=2, pin_memory=False, persistent_workers=False)
+        assert [s for b in fresh for s in b["seed"].tolist()] == orders[-1]
+    assert all(sorted(o) == sorted(written) for o in orders)
+    assert orders[0] != orders[1] != orders[2] != orders[0]
+    assert ds.epoch == 2
+
+
 def test_torch_iterable_batches_workers_and_floats(uint16_ds):
     import torch
 

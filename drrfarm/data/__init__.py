@@ -58,8 +58,9 @@ Row layout produced by every reader (one row = one image):
 
 Modules, by job: :mod:`drrfarm.data.columns` (the row layout and its decoding), :mod:`drrfarm.data.dataset`
 (opening a dataset: store, committed manifest, file metadata), :mod:`drrfarm.data.filters` (row filters),
-:mod:`drrfarm.data.splits` (patient-level splits), :mod:`drrfarm.data.shards` (read tasks and their reader),
-:mod:`drrfarm.data.raydata` (:func:`read_drrs`, :func:`split_by_volume`; the Ray Datasource is in
+:mod:`drrfarm.data.splits` (patient-level splits), :mod:`drrfarm.data.parquet_io` (a shard's Parquet file read in
+few requests: one GET per file or row group on an object store), :mod:`drrfarm.data.shards` (read tasks and their
+reader), :mod:`drrfarm.data.raydata` (:func:`read_drrs`, :func:`split_by_volume`; the Ray Datasource is in
 :mod:`drrfarm.data.datasource`), :mod:`drrfarm.data.index` (rows, metadata and row-group reads without Ray;
 :func:`read_metadata`) and :mod:`drrfarm.data.torch_datasets` (the PyTorch datasets). Everything public is
 importable from ``drrfarm.data``.

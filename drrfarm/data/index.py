@@ -25,6 +25,7 @@ from drrfarm.data.columns import (
 )
 from drrfarm.data.dataset import committed_manifest, file_metadata, open_dataset_store, shard_schema
 from drrfarm.data.filters import FilterSpec, filter_mask, prune_entries, reader_filters
+from drrfarm.data.parquet_io import ParquetShard
 from drrfarm.sinks.dataset import arrow_filesystem
 from drrfarm.sinks.store import Store
 
@@ -69,6 +70,8 @@ class DrrIndex:
         entries = prune_entries(manifest, dict_filters)
         self.paths: list[str] = [self.store.path(k) for e in entries for k in e.keys_of("parquet")]
         self._keys: list[str] = [k for e in entries for k in e.keys_of("parquet")]
+        self._sizes: list[int | None] = [e.bytes.get(k) for e in entries for k in e.keys_of("parquet")]
+        self._file_meta: list[Any] = []  # each file's FileMetaData (read_group needs no footer request)
         meta_cols = [n for n in schema.names if n != IMAGE and n not in PIXEL_COLUMNS]
         groups, meta = self._scan(meta_cols, arrow_filter)
         self.groups = groups
@@ -92,11 +95,17 @@ class DrrIndex:
         tables = []
         groups: list[RowGroup] = []
         first = 0
+        remote = None if self.store.protocol == "file" else arrow_filesystem(self.store)
         for fi, key in enumerate(self._keys):
-            with self.store.open_read(key) as fh:
-                pf = pq.ParquetFile(fh)
-                sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
-                tab = pf.read(columns=meta_cols)
+            if remote is None:
+                with self.store.open_read(key) as fh:
+                    pf = pq.ParquetFile(fh)
+                    tab = pf.read(columns=meta_cols)
+            else:  # the footer and the metadata columns' ranges only
+                with ParquetShard(remote, self.paths[fi], size=self._sizes[fi], whole=False) as pf:
+                    tab = pf.read(columns=meta_cols)
+            self._file_meta.append(pf.metadata)
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
             mask = filter_mask(tab, arrow_filter) if arrow_filter is not None else np.ones(tab.num_rows, bool)
             start = 0
             for g, size in enumerate(sizes):
@@ -128,17 +137,16 @@ class DrrIndex:
         return g, int(g.rows[i - g.first])
 
     def read_group(self, g: RowGroup) -> Any:
-        """The image (+ decode) columns of one row group, cached (LRU of ``cache_row_groups``)."""
-        import pyarrow.parquet as pq
-
+        """The image (+ decode) columns of one row group, cached (LRU of ``cache_row_groups``): one request on an
+        object store (the file's metadata is known; see :class:`~drrfarm.data.parquet_io.ParquetShard`)."""
         key = (g.file, g.row_group)
         with self._lock:
             tab = self._cache.get(key)
             if tab is not None:
                 self._cache.move_to_end(key)
                 return tab
-        with self.filesystem().open_input_file(self.paths[g.file]) as fh:
-            pf = pq.ParquetFile(fh, pre_buffer=True)
+        with ParquetShard(self.filesystem(), self.paths[g.file], size=self._sizes[g.file],
+                          metadata=self._file_meta[g.file], whole=False) as pf:
             tab = pf.read_row_group(g.row_group, columns=read_columns(self.pixel_columns, pf.schema_arrow.names))
         with self._lock:
             self._cache[key] = tab

@@ -4,19 +4,21 @@ it is used: in the reader's call (a Ray read task) and to count the cluster's CP
 
 Images are decoded where the data is read -- one task per file, or per row group when files are fewer than
 twice the cluster's CPUs -- straight from the Parquet cells into the output arrays, so decoding uses every
-core and the training process only slices ready (B, H, W) arrays.
+core and the training process only slices ready (B, H, W) arrays. On an object store a task fetches its file,
+or its row group, with one request (:class:`~drrfarm.data.parquet_io.ParquetShard`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from drrfarm.data.columns import IMAGE, PIXEL_COLUMNS, column_to_numpy, decode_pixel_column, decode_table, read_columns
+from drrfarm.data.parquet_io import ParquetShard
 from drrfarm.sinks.dataset import arrow_filesystem
 from drrfarm.sinks.parquet import IMAGE_DTYPES
 
@@ -33,6 +35,13 @@ class ReadUnit:
     row_groups: tuple[int, ...] | None
     rows: int  # before filters
     nbytes: int  # its images, decoded to the stored dtype
+    size: int | None = None  # the file's bytes (the manifest's)
+    metadata: Any = field(default=None, compare=False, repr=False)  # its FileMetaData, when read while planning
+
+    def open(self, filesystem: Any) -> ParquetShard:
+        """The file, opened to read this unit's row groups (see :class:`~drrfarm.data.parquet_io.ParquetShard`)."""
+        return ParquetShard(filesystem, self.path, size=self.size, metadata=self.metadata,
+                            whole=self.row_groups is None)
 
 
 class ShardReader:
@@ -62,11 +71,8 @@ class ShardReader:
 
     def tables(self) -> Iterator[Any]:
         """The filtered pyarrow table of every row group of the task (empty ones skipped)."""
-        import pyarrow.parquet as pq
-
         for unit in self.units:
-            with self.filesystem.open_input_file(unit.path) as fh:
-                pf = pq.ParquetFile(fh, pre_buffer=True)
+            with unit.open(self.filesystem) as pf:
                 cols = self._file_columns(pf.schema_arrow.names)
                 groups = range(pf.num_row_groups) if unit.row_groups is None else unit.row_groups
                 for g in groups:
@@ -99,10 +105,7 @@ class ShardReader:
             produced = True
             yield BlockAccessor.batch_to_block(self.batch(tab))
         if not produced and self.empty_image is not None:
-            import pyarrow.parquet as pq
-
-            with self.filesystem.open_input_file(self.units[0].path) as fh:
-                pf = pq.ParquetFile(fh)
+            with self.units[0].open(self.filesystem) as pf:
                 empty = pf.schema_arrow.empty_table().select(read_columns(self.columns, pf.schema_arrow.names))
             yield BlockAccessor.batch_to_block(self.batch(empty))
 
@@ -123,16 +126,14 @@ def _row_group_units(store: Store, units: Sequence[ReadUnit]) -> list[ReadUnit]:
     """Every file's row groups as units of their own (the Parquet footers read in parallel)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import pyarrow.parquet as pq
-
     fs = arrow_filesystem(store)
 
     def split(u: ReadUnit) -> list[ReadUnit]:
-        with fs.open_input_file(u.path) as fh:
-            meta = pq.ParquetFile(fh).metadata
+        with ParquetShard(fs, u.path, size=u.size, whole=False) as pf:  # the footer only
+            meta = pf.metadata
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         total = max(1, sum(sizes))
-        return [ReadUnit(u.path, (g,), n, u.nbytes * n // total) for g, n in enumerate(sizes) if n]
+        return [ReadUnit(u.path, (g,), n, u.nbytes * n // total, u.size, meta) for g, n in enumerate(sizes) if n]
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(units)))) as pool:
         return [p for parts in pool.map(split, units) for p in parts]
@@ -154,7 +155,7 @@ def plan_read_tasks(store: Store, entries: Sequence[ShardEntry], tasks: int | No
         per_pixel = np.dtype(IMAGE_DTYPES.get(e.image_dtype, "<u2")).itemsize
         for k in keys:
             rows = e.rows // max(1, len(keys))
-            files.append(ReadUnit(store.path(k), None, rows, rows * e.height * e.width * per_pixel))
+            files.append(ReadUnit(store.path(k), None, rows, rows * e.height * e.width * per_pixel, e.bytes.get(k)))
     want = int(tasks) if tasks else 2 * (cpus or _available_cpus())
     units = files if len(files) >= want else _row_group_units(store, files)
     if not units:

@@ -247,14 +247,25 @@ class DrrIterableDataset(IterableDataset):
         self.transform = transform
         self.shuffle = shuffle
         self.seed = int(seed)
-        self.epoch = 0
+        # the epoch in shared memory: DataLoader workers kept between epochs (persistent_workers, the default of
+        # loader()) hold copies of this dataset made when they started, and read the epoch from here
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.rank = rank
         self.world_size = world_size
         self.batch_size = None if batch_size is None else int(batch_size)
         self.drop_last = bool(drop_last)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.set_epoch(epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """The epoch of the next pass (its shuffle), also for the workers of a DataLoader already running."""
+        self._epoch[0] = int(epoch)
 
     def __len__(self) -> int:  # rows over all ranks/workers (a hint for progress bars)
         return self.index.n
