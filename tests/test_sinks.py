@@ -239,6 +239,33 @@ def test_manifest_and_finalize(tmp_path):
     assert [e.to_dict() for e in m2.values()] == [e.to_dict() for e in m.values()]
 
 
+def test_manifest_read_again_fetches_only_changed_entries(tmp_path, monkeypatch):
+    """A loader reads the manifest every epoch: unchanged entries come from this process's cache (their version in
+    the listing is the same), a rewritten one is fetched again and read as it is now."""
+    url = str(tmp_path)
+    sink = ShardSink(url, formats=("parquet",))
+    for s in range(3):
+        sink.write_shard(f"s{s}", make_images(2, seed=s), make_rows(2, start=2 * s), FILE_META)
+    fetched: list[str] = []
+    real_get_many = Store.get_many
+
+    def counting(self, keys):
+        keys = list(keys)
+        fetched.extend(keys)
+        return real_get_many(self, keys)
+
+    monkeypatch.setattr(Store, "get_many", counting)
+    first = read_manifest(url)
+    assert sorted(fetched) == ["_manifest/s0.json", "_manifest/s1.json", "_manifest/s2.json"]
+    fetched.clear()
+    again = read_manifest(url)
+    assert fetched == [] and sorted(again) == sorted(first) == ["s0", "s1", "s2"]
+    assert [again[k] for k in sorted(again)] == [first[k] for k in sorted(first)]
+    sink.write_shard("s1", make_images(3, seed=9), make_rows(3, start=40), FILE_META)  # rewritten: 3 rows now
+    now = read_manifest(url)
+    assert fetched == ["_manifest/s1.json"] and now["s1"].rows == 3 and now.total_rows == 7
+
+
 def test_injected_failure_before_commit_leaves_no_committed_shard(tmp_path, monkeypatch):
     url = str(tmp_path)
     sink = ShardSink(url, formats=("parquet", "png"))

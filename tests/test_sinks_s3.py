@@ -78,6 +78,22 @@ def test_s3_round_trip_pyarrow_and_png(s3_server):
     assert doc["totals"]["rows"] == 6 and read_manifest(url).finalized_at
 
 
+def test_s3_manifest_versions_come_from_the_listing(s3_server):
+    """On S3 an entry's version is its ETag: the same after a second listing, another after a rewrite."""
+    url = f"{s3_server.url}/runs/versions"
+    write_sweep(url, n_shards=2, formats=("parquet",))
+    store = open_store(url, probe=False)
+    before = store.list_versions("_manifest")
+    assert sorted(before) == ["_manifest/s0000.json", "_manifest/s0001.json"]
+    assert all(v[0] == "etag" for v in before.values()) and store.list_versions("_manifest") == before
+    sink = ShardSink(url, formats=("parquet",))
+    sink.write_shard("s0001", make_images(4, seed=7), make_rows(4, volume_id="vol1", start=50), FILE_META)
+    after = store.list_versions("_manifest")
+    assert after["_manifest/s0000.json"] == before["_manifest/s0000.json"]
+    assert after["_manifest/s0001.json"] != before["_manifest/s0001.json"]
+    assert read_manifest(url)["s0001"].rows == 4
+
+
 def test_s3_round_trip_ray_data(s3_server):
     ray = pytest.importorskip("ray")
     url = f"{s3_server.url}/runs/ray"

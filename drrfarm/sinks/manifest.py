@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,10 +169,25 @@ def uncommit(store: Store, shard_id: str) -> None:
     store.delete(entry_key(shard_id))
 
 
+#: Parsed manifest entries of this process by (store URL, key): (the object's version in the listing, entry).
+#: Reading a manifest again (every epoch of a loader calls it) fetches only the entries whose version changed.
+_ENTRY_CACHE: OrderedDict[tuple[str, str], tuple[tuple[Any, ...], ShardEntry]] = OrderedDict()
+_ENTRY_CACHE_LOCK = threading.Lock()
+ENTRY_CACHE_SIZE = 200_000
+
+
 def _read_entries(store: Store) -> dict[str, ShardEntry]:
-    keys = [k for k in store.list(MANIFEST_PREFIX) if k.endswith(".json")]
+    versions = {k: v for k, v in store.list_versions(MANIFEST_PREFIX).items() if k.endswith(".json")}
     out: dict[str, ShardEntry] = {}
-    blobs = store.get_many(keys) if keys else {}
+    fetch = []
+    with _ENTRY_CACHE_LOCK:
+        for key, version in versions.items():
+            hit = _ENTRY_CACHE.get((store.url, key)) if version else None
+            if hit is not None and hit[0] == version:
+                out[hit[1].shard_id] = hit[1]
+            else:
+                fetch.append(key)
+    blobs = store.get_many(fetch) if fetch else {}
     for key, blob in blobs.items():
         try:
             e = ShardEntry.from_dict(json.loads(blob))
@@ -181,6 +198,12 @@ def _read_entries(store: Store) -> dict[str, ShardEntry]:
             log.warning("ignoring manifest entry %s: names shard %r", store.url_for(key), e.shard_id)
             continue
         out[e.shard_id] = e
+        if versions[key]:
+            with _ENTRY_CACHE_LOCK:
+                _ENTRY_CACHE[(store.url, key)] = (versions[key], e)
+                _ENTRY_CACHE.move_to_end((store.url, key))
+                while len(_ENTRY_CACHE) > ENTRY_CACHE_SIZE:
+                    _ENTRY_CACHE.popitem(last=False)
     return out
 
 

@@ -382,6 +382,35 @@ class Store:
                         removed += 1
         return removed
 
+    def list_versions(self, prefix: str) -> dict[str, tuple[Any, ...]]:
+        """Keys under ``prefix`` (as :meth:`list`) with a version of each from the listing itself: the object's
+        ETag (object stores) or its size and modification time (files); () where the listing tells none."""
+        base = self.path(prefix) if prefix else self.root
+        self._invalidate(base)
+        what = self.url_for(prefix) if prefix else self.url
+
+        def find() -> dict[str, tuple[Any, ...]]:
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+            root = self.fs._strip_protocol(self.root).rstrip("/")
+            out: dict[str, tuple[Any, ...]] = {}
+            for p, info in found.items():
+                p = self.fs._strip_protocol(p)
+                if not p.startswith(root + "/"):
+                    continue
+                if info.get("ETag"):
+                    version: tuple[Any, ...] = ("etag", str(info["ETag"]), info.get("size"))
+                elif info.get("mtime") is not None:
+                    version = ("mtime", float(info["mtime"]), info.get("size"), info.get("ino"))
+                else:
+                    version = ()
+                out[p[len(root) + 1 :]] = version
+            return dict(sorted(out.items()))
+
+        return self.call(f"listing {what}", find)
+
     def _invalidate(self, path: str) -> None:
         with contextlib.suppress(Exception):
             self.fs.invalidate_cache(path)
