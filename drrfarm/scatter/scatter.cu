@@ -11,6 +11,9 @@
 // counts (unnormalised sums of weights; the host divides by the open-field photons per bin).
 // Energy book (img, 4) = emitted, deposited, escaped, detected (double atomics, one per thread);
 // interaction counts (img, 3) = photoelectric, Compton, Rayleigh.
+// Forced detection (p.forced, the fast estimate; drrfarm/scatter/forced.py): scatter_mc records every real
+// collision instead of booking scattered photons on the panel, and scatter_forced (below) scores each
+// collision's expected scatter on every tally bin. Photons below p.cutoff_kev are absorbed where they are.
 // No CUDA headers, no curand; shared definitions in drrfarm/gpu/kernels/shared.cuh and params.cuh.
 
 #include "params.cuh"  // ScatterParams, SCATTER_CAM_STRIDE; shared.cuh: Philox4x32-10, open_uniform
