@@ -156,6 +156,7 @@ class CudaScatter:
             blocks = max(1, min((photons + BLOCK - 1) // BLOCK, self.sm_count * 16))
             capacity = min(EVENTS_PER_HISTORY * photons + 1024, (1 << 31) - 1) if forced else 0
             events = counts = None
+            recorded = np.zeros(B, dtype=np.uint64)  # collisions per image (forced detection)
             start, middle, end = drv.Event(), drv.Event(), blocking_event()
             while True:
                 if forced:
@@ -188,7 +189,6 @@ class CudaScatter:
             t = drv.from_device(tally, (B, 4, Ht, Wt), np.float32).astype(np.float64)
             e = drv.from_device(energy, (B, 4), np.float64)
             n = drv.from_device(inter, (B, 3), np.uint64)
-            n_events = drv.from_device(counts, (B,), np.uint64) if forced else np.zeros(B, dtype=np.uint64)
             tally.free()
             if forced:
                 events.free()
@@ -200,7 +200,7 @@ class CudaScatter:
                 primary_signal=t[b, 2] / per_bin, primary_counts=t[b, 3] / per_bin, photons=photons,
                 energy_kev=dict(zip(("emitted", "deposited", "escaped", "detected"), map(float, e[b]), strict=True)),
                 interactions={**dict(zip(("photoelectric", "compton", "rayleigh"), map(int, n[b]), strict=True)),
-                              **({"forced_events": int(n_events[b])} if forced else {})},
+                              **({"forced_events": int(recorded[b])} if forced else {})},
                 seconds=seconds / B,
             )
             for b in range(B)

@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from drrfarm.scatter.reference import ScatterTally, ScatterVolume, box_interval, simulate
+from drrfarm.scatter.reference import (
+    ScatterTally,
+    ScatterVolume,
+    _interp_rows,
+    box_interval,
+    densities_at,
+    partial_attenuation,
+    simulate,
+)
 from drrfarm.scatter.tables import ELECTRON_REST_ENERGY_KEV, HC_KEV_ANGSTROM, TransportTables, interp_grid
 
 #: Floats per recorded collision: position (3), direction (3), energy (keV), weight.
@@ -50,11 +58,7 @@ def momentum_transfer(energy_kev: np.ndarray, cos_t: np.ndarray) -> np.ndarray:
 
 def s_over_z_at(tables: TransportTables, material: int, x: np.ndarray) -> np.ndarray:
     """S(x)/Z of one material, linear between nodes (as the Compton sampler)."""
-    f = np.clip(x / tables.x_step, 0.0, tables.n_x - 1.000001)
-    j = f.astype(np.int64)
-    w = f - j
-    row = tables.compton_s[material]
-    return row[j] * (1.0 - w) + row[j + 1] * w
+    return _interp_rows(tables.compton_s, material, x, tables.x_step)
 
 
 def form_factor_sq_at(tables: TransportTables, material: int, x: np.ndarray) -> np.ndarray:
@@ -127,17 +131,11 @@ def path_integrals(volume: Any, start: np.ndarray, end: np.ndarray, step_mm: flo
     span = np.where(t1 > t0, t1 - t0, 0.0)
     n = np.ceil(span / step_mm).astype(np.int64)
     h = np.where(n > 0, span / np.maximum(n, 1), 0.0)
-    dens = volume.densities_g_cm3
-    M = dens.shape[0]
-    shape = np.asarray(volume.shape)
-    out = np.zeros((start.shape[0], M))
+    out = np.zeros((start.shape[0], volume.densities_g_cm3.shape[0]))
     for s in range(int(n.max()) if n.size else 0):
         act = np.nonzero(s < n)[0]
         tt = t0[act] + (s + 0.5) * h[act]
-        ijk = p_ijk[act] + tt[:, None] * d_ijk[act]
-        idx = np.clip(np.floor(ijk + 0.5).astype(np.int64), 0, shape - 1)
-        for m in range(M):
-            out[act, m] += dens[m][idx[:, 0], idx[:, 1], idx[:, 2]] * h[act]
+        out[act] += densities_at(volume, p_ijk[act] + tt[:, None] * d_ijk[act]) * h[act, None]
     return out
 
 
@@ -155,17 +153,13 @@ def score_events(volume: Any, tables: TransportTables, camera: Any, events: np.n
     bins, normal, area = bin_centres_world(camera, tally_shape)
     mu_total = tables.mu_cm2_g.sum(axis=1) / 10.0  # (M, NE) 1/mm per g/cm³
     A = volume.ijk_from_world
-    dens = volume.densities_g_cm3
-    M = dens.shape[0]
-    shape = np.asarray(volume.shape)
+    M = volume.densities_g_cm3.shape[0]
     per = max(1, CHUNK_PAIRS // nb)
     for a in range(0, events.shape[0], per):
         ev = events[a : a + per]
         n = ev.shape[0]
         pos, d, e, g = ev[:, 0:3], ev[:, 3:6], ev[:, 6], ev[:, 7]
-        ijk = np.clip(np.floor(pos @ A[:3, :3].T + A[:3, 3] + 0.5).astype(np.int64), 0, shape - 1)
-        rho = np.stack([dens[m][ijk[:, 0], ijk[:, 1], ijk[:, 2]] for m in range(M)], axis=1).astype(np.float64)
-        parts = rho[:, :, None] * np.moveaxis(interp_grid(tables.mu_cm2_g, e, tables), -1, 0) / 10.0  # (n, M, 3)
+        parts = partial_attenuation(densities_at(volume, pos @ A[:3, :3].T + A[:3, 3]), e, tables)  # (n, M, 3)
         mu_local = parts.sum(axis=(1, 2))
         p_kind = parts[:, :, 1:] / np.where(mu_local > 0, mu_local, 1.0)[:, None, None]  # (n, M, 2)
         start = np.repeat(pos, nb, axis=0)

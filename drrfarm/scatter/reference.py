@@ -83,6 +83,20 @@ class ScatterVolume:
         return np.linalg.inv(self.world_from_ijk)
 
 
+def densities_at(volume: ScatterVolume, ijk: np.ndarray) -> np.ndarray:
+    """(N, M) float64 densities of the nearest voxels to index-space points ``ijk`` (N, 3), clamped to the grid."""
+    idx = np.clip(np.floor(ijk + 0.5).astype(np.int64), 0, np.asarray(volume.shape) - 1)
+    dens = volume.densities_g_cm3
+    return np.stack([dens[m][idx[:, 0], idx[:, 1], idx[:, 2]] for m in range(dens.shape[0])],
+                    axis=1).astype(np.float64)
+
+
+def partial_attenuation(rho: np.ndarray, energy_kev: np.ndarray, tables: TransportTables) -> np.ndarray:
+    """(N, M, 3) partial attenuation per mm (photoelectric, Compton, Rayleigh) of each material at densities
+    ``rho`` (N, M) and energies (N,)."""
+    return rho[:, :, None] * np.moveaxis(interp_grid(tables.mu_cm2_g, energy_kev, tables), -1, 0) / 10.0
+
+
 @dataclass
 class ScatterTally:
     """One image's Monte Carlo result on the tally grid (H_t, W_t), in the analytic renderer's units.
@@ -322,10 +336,6 @@ def _chunk(volume: ScatterVolume, tables: TransportTables, majorant: np.ndarray,
     remaining = t_out[act] - np.maximum(t_in[act], 0.0)
     ph, dr, en, wt = photon[act], draw[act], energy[act], weight[act]
     sc = np.zeros(act.size, dtype=bool)
-    dens = volume.densities_g_cm3
-    n_mat = dens.shape[0]
-    mu_parts = tables.mu_cm2_g  # (M, 3, NE)
-    nI, nJ, nK = shape
     while ph.size:
         u = uniforms(ph, dr, image, seed)
         dr += 1
@@ -344,12 +354,8 @@ def _chunk(volume: ScatterVolume, tables: TransportTables, majorant: np.ndarray,
             break
         pos = pos + step[:, None] * dirs
         remaining = remaining - step
-        ijk = pos @ A[:3, :3].T + A[:3, 3]
-        i = np.clip(np.floor(ijk[:, 0] + 0.5).astype(np.int64), 0, nI - 1)
-        j = np.clip(np.floor(ijk[:, 1] + 0.5).astype(np.int64), 0, nJ - 1)
-        k = np.clip(np.floor(ijk[:, 2] + 0.5).astype(np.int64), 0, nK - 1)
-        rho = np.stack([dens[m][i, j, k] for m in range(n_mat)], axis=1).astype(np.float64)  # (N, M)
-        parts = rho[:, :, None] * np.moveaxis(interp_grid(mu_parts, en, tables), -1, 0) / 10.0  # (N, M, 3)
+        rho = densities_at(volume, pos @ A[:3, :3].T + A[:3, 3])  # (N, M)
+        parts = partial_attenuation(rho, en, tables)  # (N, M, 3)
         cum = np.cumsum(parts.reshape(ph.size, -1), axis=1)
         mu_local = cum[:, -1]
         real = u[1] * mu_max < mu_local

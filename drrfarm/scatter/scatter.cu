@@ -41,12 +41,48 @@ __device__ __forceinline__ Block4 draw_block(u64 photon, u32& draw, uint2 key, u
     return b;
 }
 
-__device__ __forceinline__ double interp_energy(const double* t, double e, const ScatterParams& p) {
+// Where energy e falls on the tables' uniform grid: node i and weight w of node i + 1 (clamped to the grid).
+struct EnergyCell {
+    int i;
+    double w;
+};
+
+__device__ __forceinline__ EnergyCell energy_cell(double e, const ScatterParams& p) {
     double f = (e - p.e0) / p.de;
     f = fmin(fmax(f, 0.0), (double)p.NE - 1.000001);
     const int i = (int)f;
-    const double w = f - (double)i;
-    return t[i] * (1.0 - w) + t[i + 1] * w;
+    return EnergyCell{i, f - (double)i};
+}
+
+__device__ __forceinline__ double at_cell(const double* t, EnergyCell c) {
+    return t[c.i] * (1.0 - c.w) + t[c.i + 1] * c.w;
+}
+
+__device__ __forceinline__ double interp_energy(const double* t, double e, const ScatterParams& p) {
+    return at_cell(t, energy_cell(e, p));
+}
+
+// The M densities of the voxel nearest to world point (x, y, z), clamped to the grid.
+__device__ __forceinline__ const float* nearest_voxel(const float* dens, double x, double y, double z,
+                                                      const ScatterParams& p) {
+    const double* A = p.ijk_from_world;
+    const double fi = A[0] * x + A[1] * y + A[2] * z + A[3];
+    const double fj = A[4] * x + A[5] * y + A[6] * z + A[7];
+    const double fk = A[8] * x + A[9] * y + A[10] * z + A[11];
+    const int i = min(max((int)floor(fi + 0.5), 0), p.I - 1);
+    const int j = min(max((int)floor(fj + 0.5), 0), p.J - 1);
+    const int k = min(max((int)floor(fk + 0.5), 0), p.K - 1);
+    return dens + (((size_t)i * p.J + j) * p.K + k) * p.M;
+}
+
+// Attenuation per mm of a voxel at energy cell c: the same sums, in the same order, as the reference's cumsum.
+__device__ __forceinline__ double local_mu(const float* vox, const double* mu, EnergyCell c, const ScatterParams& p) {
+    double mu_local = 0.0;
+    for (int m = 0; m < p.M; ++m) {
+        const double rho = (double)vox[m];
+        for (int q = 0; q < 3; ++q) mu_local += rho * at_cell(mu + ((size_t)m * 3 + q) * p.NE, c) / 10.0;
+    }
+    return mu_local;
 }
 
 __device__ __forceinline__ double interp_x(const double* row, double x, const ScatterParams& p) {
@@ -238,7 +274,6 @@ extern "C" __global__ void scatter_mc(const ScatterParams p) {
     const double* majorant = reinterpret_cast<const double*>(p.majorant);
     const double* spec_kev = reinterpret_cast<const double*>(p.spec_kev);
     const double* spec_cdf = reinterpret_cast<const double*>(p.spec_cdf);
-    const double* A = p.ijk_from_world;
     const double* Mi = cam + 19;
     Book book = {0.0, 0.0, 0.0, 0.0, 0ull, 0ull, 0ull};
 
@@ -300,26 +335,9 @@ extern "C" __global__ void scatter_mc(const ScatterParams p) {
             r.py += step * r.dy;
             r.pz += step * r.dz;
             remaining -= step;
-            const double fi = A[0] * r.px + A[1] * r.py + A[2] * r.pz + A[3];
-            const double fj = A[4] * r.px + A[5] * r.py + A[6] * r.pz + A[7];
-            const double fk = A[8] * r.px + A[9] * r.py + A[10] * r.pz + A[11];
-            const int i = min(max((int)floor(fi + 0.5), 0), p.I - 1);
-            const int j = min(max((int)floor(fj + 0.5), 0), p.J - 1);
-            const int k = min(max((int)floor(fk + 0.5), 0), p.K - 1);
-            const float* vox = dens + (((size_t)i * p.J + j) * p.K + k) * p.M;
-            // local attenuation: the same sums, in the same order, as the reference's cumsum
-            double fe = (e - p.e0) / p.de;
-            fe = fmin(fmax(fe, 0.0), (double)p.NE - 1.000001);
-            const int ie = (int)fe;
-            const double we = fe - (double)ie;
-            double mu_local = 0.0;
-            for (int m = 0; m < p.M; ++m) {
-                const double rho = (double)vox[m];
-                for (int q = 0; q < 3; ++q) {
-                    const double* row = mu + ((size_t)m * 3 + q) * p.NE;
-                    mu_local += rho * (row[ie] * (1.0 - we) + row[ie + 1] * we) / 10.0;
-                }
-            }
+            const float* vox = nearest_voxel(dens, r.px, r.py, r.pz, p);
+            const EnergyCell ce = energy_cell(e, p);
+            const double mu_local = local_mu(vox, mu, ce, p);
             if (!(u.u1 * mu_max < mu_local)) continue;  // virtual collision
             if (p.forced) record_event(r, e, g, img, p);
             const double target = u.u2 * mu_local;
@@ -327,8 +345,7 @@ extern "C" __global__ void scatter_mc(const ScatterParams p) {
             int chosen = 3 * p.M - 1;
             for (int mq = 0; mq < 3 * p.M; ++mq) {
                 const int m = mq / 3;
-                const double* row = mu + (size_t)mq * p.NE;
-                c += (double)vox[m] * (row[ie] * (1.0 - we) + row[ie + 1] * we) / 10.0;
+                c += (double)vox[m] * at_cell(mu + (size_t)mq * p.NE, ce) / 10.0;
                 if (c > target) {
                     chosen = mq;
                     break;
@@ -381,10 +398,6 @@ extern "C" __global__ void scatter_mc(const ScatterParams p) {
 // expected scatter on its bin (Compton and Rayleigh over every material, the transmission from the collision
 // to the bin's centre at the scattered energy, the bin's solid angle and the detector weight); one float
 // atomic per bin and block at the end. All arithmetic in float64, in the reference's order.
-
-__device__ __forceinline__ double row_at_x(const double* row, double x, const ScatterParams& p) {
-    return interp_x(row, x, p);
-}
 
 __device__ __forceinline__ double form_factor_sq(const double* cdf, double x, const ScatterParams& p) {
     int j = (int)floor(x / p.x_step);
@@ -462,21 +475,9 @@ extern "C" __global__ void scatter_forced(const ScatterParams p) {
         const double ddx = E8[3], ddy = E8[4], ddz = E8[5];
         const double e = E8[6], g = E8[7];
         // the collision's voxel and the chance of each scatter there
-        const int vi = min(max((int)floor(A[0] * px + A[1] * py + A[2] * pz + A[3] + 0.5), 0), p.I - 1);
-        const int vj = min(max((int)floor(A[4] * px + A[5] * py + A[6] * pz + A[7] + 0.5), 0), p.J - 1);
-        const int vk = min(max((int)floor(A[8] * px + A[9] * py + A[10] * pz + A[11] + 0.5), 0), p.K - 1);
-        const float* vox = dens + (((size_t)vi * p.J + vj) * p.K + vk) * p.M;
-        double fe = (e - p.e0) / p.de;
-        fe = fmin(fmax(fe, 0.0), (double)p.NE - 1.000001);
-        const int ie = (int)fe;
-        const double we = fe - (double)ie;
-        double mu_local = 0.0;
-        for (int m = 0; m < p.M; ++m) {
-            for (int q = 0; q < 3; ++q) {
-                const double* row = mu + ((size_t)m * 3 + q) * p.NE;
-                mu_local += (double)vox[m] * (row[ie] * (1.0 - we) + row[ie + 1] * we) / 10.0;
-            }
-        }
+        const float* vox = nearest_voxel(dens, px, py, pz, p);
+        const EnergyCell ce = energy_cell(e, p);
+        const double mu_local = local_mu(vox, mu, ce, p);
         if (!(mu_local > 0.0)) continue;
         // the line to the bin
         double vx = qx - px, vy = qy - py, vz = qz - pz;
@@ -524,30 +525,23 @@ extern "C" __global__ void scatter_forced(const ScatterParams p) {
         const double x = e / HC_KEV_ANGSTROM * sqrt(fmax(0.5 * (1.0 - cos_t), 0.0));
         const double kn_shape = eps * eps * (eps + 1.0 / eps - (1.0 - cos_t * cos_t));
         const double ray_shape = 0.5 * (1.0 + cos_t * cos_t);
-        double fc = (e_c - p.e0) / p.de;
-        fc = fmin(fmax(fc, 0.0), (double)p.NE - 1.000001);
-        const int ic = (int)fc;
-        const double wc = fc - (double)ic;
+        const EnergyCell cc = energy_cell(e_c, p);
         double tau_c = 0.0, tau_r = 0.0, pc = 0.0, pr = 0.0;
         for (int m = 0; m < p.M; ++m) {
             const double* r0 = mu + ((size_t)m * 3 + 0) * p.NE;
             const double* r1 = mu + ((size_t)m * 3 + 1) * p.NE;
             const double* r2 = mu + ((size_t)m * 3 + 2) * p.NE;
-            const double mu_c = (r0[ic] * (1.0 - wc) + r0[ic + 1] * wc) + (r1[ic] * (1.0 - wc) + r1[ic + 1] * wc)
-                              + (r2[ic] * (1.0 - wc) + r2[ic + 1] * wc);
-            const double mu_r = (r0[ie] * (1.0 - we) + r0[ie + 1] * we) + (r1[ie] * (1.0 - we) + r1[ie + 1] * we)
-                              + (r2[ie] * (1.0 - we) + r2[ie + 1] * we);
+            const double mu_c = at_cell(r0, cc) + at_cell(r1, cc) + at_cell(r2, cc);
+            const double mu_r = at_cell(r0, ce) + at_cell(r1, ce) + at_cell(r2, ce);
             tau_c += mu_c / 10.0 * lines[m];
             tau_r += mu_r / 10.0 * lines[m];
             const double rho = (double)vox[m];
-            const double p_c = rho * (r1[ie] * (1.0 - we) + r1[ie + 1] * we) / 10.0 / mu_local;
-            const double p_r = rho * (r2[ie] * (1.0 - we) + r2[ie + 1] * we) / 10.0 / mu_local;
-            const double s = row_at_x(reinterpret_cast<const double*>(p.compton_s) + (size_t)m * p.NX, x, p);
+            const double p_c = rho * at_cell(r1, ce) / 10.0 / mu_local;
+            const double p_r = rho * at_cell(r2, ce) / 10.0 / mu_local;
+            const double s = interp_x(reinterpret_cast<const double*>(p.compton_s) + (size_t)m * p.NX, x, p);
             const double f2 = form_factor_sq(reinterpret_cast<const double*>(p.rayleigh_cdf) + (size_t)m * p.NX, x, p);
-            const double* nc = norms + (size_t)m * p.NE;
-            const double* nr = norms + ((size_t)p.M + m) * p.NE;
-            pc += p_c * kn_shape * s / (nc[ie] * (1.0 - we) + nc[ie + 1] * we);
-            pr += p_r * f2 * ray_shape / (nr[ie] * (1.0 - we) + nr[ie + 1] * we);
+            pc += p_c * kn_shape * s / at_cell(norms + (size_t)m * p.NE, ce);
+            pr += p_r * f2 * ray_shape / at_cell(norms + ((size_t)p.M + m) * p.NE, ce);
         }
         const double wgt = g * d_omega;
         const double sc = wgt * pc * exp(-tau_c);

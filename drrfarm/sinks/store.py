@@ -193,6 +193,15 @@ def _describe(exc: BaseException) -> str:
 # -------------------------------------------------------------------------------------------- store
 
 
+
+def _listing_version(info: Mapping[str, Any]) -> tuple[Any, ...]:
+    """An object's version as its listing tells it: the ETag, else size, mtime and inode; () if neither."""
+    if info.get("ETag"):
+        return ("etag", str(info["ETag"]), info.get("size"))
+    if info.get("mtime") is not None:
+        return ("mtime", float(info["mtime"]), info.get("size"), info.get("ino"))
+    return ()
+
 class Store:
     """A dataset root on some fsspec filesystem. Create with :func:`open_store`.
 
@@ -339,24 +348,7 @@ class Store:
 
     def list(self, prefix: str) -> list[str]:
         """Keys (relative to the root, sorted) of all files under ``prefix`` ("" = everything)."""
-        base = self.path(prefix) if prefix else self.root
-        self._invalidate(base)
-        what = self.url_for(prefix) if prefix else self.url
-
-        def find() -> list[str]:
-            try:
-                found = self.fs.find(base)
-            except FileNotFoundError:
-                return []
-            root = self.fs._strip_protocol(self.root).rstrip("/")
-            out = []
-            for p in found:
-                p = self.fs._strip_protocol(p)
-                if p.startswith(root + "/"):
-                    out.append(p[len(root) + 1 :])
-            return sorted(out)
-
-        return self.call(f"listing {what}", find)
+        return sorted(self._find(prefix, detail=False))
 
     def open_read(self, key: str):
         """A seekable binary file object for ``key`` (for Parquet footers / row groups)."""
@@ -385,29 +377,27 @@ class Store:
     def list_versions(self, prefix: str) -> dict[str, tuple[Any, ...]]:
         """Keys under ``prefix`` (as :meth:`list`) with a version of each from the listing itself: the object's
         ETag (object stores) or its size and modification time (files); () where the listing tells none."""
+        return {key: _listing_version(info) for key, info in sorted(self._find(prefix, detail=True).items())}
+
+    def _find(self, prefix: str, *, detail: bool) -> dict[str, Any]:
+        """Files under ``prefix`` by key (relative to the root): the listing's info of each with ``detail``,
+        else None."""
         base = self.path(prefix) if prefix else self.root
         self._invalidate(base)
         what = self.url_for(prefix) if prefix else self.url
 
-        def find() -> dict[str, tuple[Any, ...]]:
+        def find() -> dict[str, Any]:
             try:
-                found = self.fs.find(base, detail=True)
+                found = self.fs.find(base, detail=detail)
             except FileNotFoundError:
                 return {}
             root = self.fs._strip_protocol(self.root).rstrip("/")
-            out: dict[str, tuple[Any, ...]] = {}
-            for p, info in found.items():
+            out: dict[str, Any] = {}
+            for p, info in (found.items() if detail else ((p, None) for p in found)):
                 p = self.fs._strip_protocol(p)
-                if not p.startswith(root + "/"):
-                    continue
-                if info.get("ETag"):
-                    version: tuple[Any, ...] = ("etag", str(info["ETag"]), info.get("size"))
-                elif info.get("mtime") is not None:
-                    version = ("mtime", float(info["mtime"]), info.get("size"), info.get("ino"))
-                else:
-                    version = ()
-                out[p[len(root) + 1 :]] = version
-            return dict(sorted(out.items()))
+                if p.startswith(root + "/"):
+                    out[p[len(root) + 1 :]] = info
+            return out
 
         return self.call(f"listing {what}", find)
 
