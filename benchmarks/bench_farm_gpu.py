@@ -40,6 +40,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs"))
+from train_pose import steady_window  # noqa: E402 - the training job's 10-90 % window (stdlib-only import)
+
 
 def _host_used_bytes() -> int:
     info = {}
@@ -239,15 +242,12 @@ def sweep(spec_path: Path, out: Path) -> dict[str, Any]:
 
 def steady_rate(events: list[dict[str, Any]]) -> float | None:
     """Images/s between the commits of 10 % and 90 % of the images (no pipeline fill or drain)."""
-    total = sum(e["images"] for e in events)
-    done, t10, n10 = 0, None, 0
+    marks, done = [], 0
     for e in events:
         done += e["images"]
-        if t10 is None and done >= 0.1 * total:
-            t10, n10 = e["t"], done
-        if done >= 0.9 * total:
-            return (done - n10) / (e["t"] - t10) if t10 is not None and e["t"] > t10 else None
-    return None
+        marks.append((e["t"], done))
+    window = steady_window(marks)
+    return window[2] / (window[1] - window[0]) if window is not None else None
 
 
 def mean_timings(events: list[dict[str, Any]]) -> dict[str, float]:

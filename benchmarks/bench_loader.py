@@ -15,7 +15,9 @@ Readers (``--modes``), each over every image of the dataset, ``--epochs`` times:
 * ``ray-gpu-float`` -- ``iter_torch_batches(device="cuda")`` of uint16 then ``to_float_line_integrals`` on the
   GPU (CUDA only): the uint16 and the scale cross PCIe, the multiply happens on the device;
 * ``torch-uint16`` -- ``DrrIterableDataset(url, COLUMNS, batch_size=B, shuffle=True).loader(num_workers=N)``
-  with N = ``--cpus`` (no Ray; pinned memory on a CUDA machine);
+  with N = ``--cpus`` (no Ray; pinned memory on a CUDA machine; batches handed over in reusable shared-memory
+  slots);
+* ``torch-uint16-fresh`` -- the same with ``reuse_shared_memory=False``: every batch in fresh shared memory;
 * ``torch-gpu-float`` -- the same, then ``to_float_line_integrals(batch, "cuda")`` (CUDA only);
 * ``pyarrow-decode`` -- one process, one core: every row group read and decoded with the sinks'
   ``decode_images`` (no batching; at most ``--scale-images`` images);
@@ -237,7 +239,7 @@ def run_mode(mode: str, url: str, desc: dict[str, Any], cpus: int, args: argpars
     if base.startswith("torch"):
         tds = DrrIterableDataset(url, COLUMNS, filter=flt, batch_size=args.batch, shuffle=True,
                                  storage_options=storage_options)
-        loader = tds.loader(num_workers=cpus, pin_memory=cuda)
+        loader = tds.loader(num_workers=cpus, pin_memory=cuda, reuse_shared_memory=not base.endswith("-fresh"))
         epoch = [0]
 
         def make_t() -> Any:

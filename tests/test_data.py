@@ -564,6 +564,105 @@ def test_torch_loader_persistent_workers_follow_set_epoch(uint16_ds):
     assert ds.epoch == 2
 
 
+def test_torch_loader_slots_give_the_plain_loaders_batches(uint16_ds):
+    """loader() hands batches over in reusable shared-memory slots: the same batches, in the same order, as
+    through fresh shared memory, over epochs (slots reused, each worker's slot count bounded), after an epoch cut
+    short (the dropped batches free their slots), and with a consumer slower than the workers (back-pressure)."""
+    import time
+
+    import torch
+
+    from drrfarm.data import DrrIterableDataset
+
+    url, written = uint16_ds
+    ds = DrrIterableDataset(url, ["seed"], batch_size=4, shuffle=True, seed=7)
+    slots = ds.loader(num_workers=2, pin_memory=False, prefetch_factor=2, timeout=60)
+    plain = ds.loader(num_workers=2, pin_memory=False, prefetch_factor=2, reuse_shared_memory=False)
+    ring = slots.dataset._ring
+    assert ring is not None and ring.slots == 3 and plain.dataset._ring is None
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        if epoch == 1:  # cut short: the rest of the epoch is dropped unread
+            next(iter(slots))
+            continue
+        got = [(b["seed"].tolist(), b["image"].clone()) for b in slots]
+        want = [(b["seed"].tolist(), b["image"]) for b in plain]
+        assert [g[0] for g in got] == [w[0] for w in want] and sorted(sum((g[0] for g in got), [])) == sorted(written)
+        assert all(torch.equal(g[1], w[1]) for g, w in zip(got, want, strict=True))
+        for seeds, images in got:
+            for j, s in enumerate(seeds):
+                assert torch.equal(images[j], torch.from_numpy(quantised(written[s][0])))
+    assert 0 < len(ring._mapped) <= 2 * 3 < len(got)  # the buffers were reused
+    assert (ring.state.numpy() == 0).all()  # every slot copied out and free
+    slow = ds.loader(num_workers=2, pin_memory=False, prefetch_factor=1, timeout=60)  # 2 slots per worker
+    seen = []
+    for b in slow:
+        time.sleep(0.05)
+        seen += b["seed"].tolist()
+    assert sorted(seen) == sorted(written)
+    transformed = DrrIterableDataset(url, ["seed"], batch_size=4, transform=lambda b: b).loader(num_workers=1)
+    assert transformed.dataset._ring is None  # a transform in the worker sees plain tensors
+
+
+@pytest.mark.gpu
+def test_torch_loader_slots_pinned(uint16_ds):
+    """With pin_memory the pin thread copies each batch out of its slot into page-locked memory."""
+    import torch
+
+    from drrfarm.data import DrrIterableDataset
+
+    url, written = uint16_ds
+    ds = DrrIterableDataset(url, ["seed"], batch_size=4, float_line_integral=True)
+    seen = []
+    for b in ds.loader(num_workers=2, pin_memory=True, timeout=60):
+        assert isinstance(b["image"], torch.Tensor) and b["image"].is_pinned()
+        for j, s in enumerate(b["seed"].tolist()):
+            assert np.abs(b["image"][j].numpy() - written[s][0]).max() <= SCALE / 2 + 1e-6
+            seen.append(s)
+    assert sorted(seen) == sorted(written)
+
+
+def test_slot_ring_reuses_grows_and_frees_slots():
+    import pickle
+
+    import torch
+
+    from drrfarm.data.batch_slots import SlotRing, materialize_batch
+
+    class Loader:  # stands in for the DataLoader that keeps a ring known while it lives
+        pass
+
+    ring = SlotRing(workers=2, slots=2)
+    slot, buf, new = ring.acquire(1, 100)
+    assert (slot, new is not None, buf.numel()) == (0, True, 100) and ring.state.numpy().tolist() == [[0, 0], [1, 0]]
+    buf[:8].view(torch.uint16).copy_(torch.arange(4, dtype=torch.int32).to(torch.uint16))
+    tok = ring.token(1, slot, (1, 2, 2), torch.uint16, new)
+    with pytest.raises(RuntimeError, match="process that owns"):
+        tok.materialize()  # a worker-side token: not readable
+    owner = Loader()
+    ring.register(owner)
+    arrived = pickle.loads(pickle.dumps(tok))
+    batch = materialize_batch({"image": arrived, "seed": [3]})
+    assert batch["image"].tolist() == [[[0, 1], [2, 3]]] and ring.state.numpy()[1].tolist() == [0, 0]
+    again = ring.acquire(1, 64)  # the free slot 0 again, big enough: no new buffer
+    assert again[0] == 0 and again[2] is None and again[1].data_ptr() == buf.data_ptr()
+    bigger = ring.acquire(1, 400)  # slot 0 taken: slot 1, a new buffer
+    assert bigger[0] == 1 and bigger[2] is not None and ring.allocations == 2
+    dropped = pickle.loads(pickle.dumps(ring.token(1, 1, (1, 10, 10), torch.uint16, bigger[2])))
+    assert ring.state.numpy()[1, 1] == 1
+    del dropped  # dropped unread: its slot is free again
+    assert ring.state.numpy()[1, 1] == 0
+    stale = ring.token(1, 0, (1, 2, 2), torch.uint16, None)
+    ring._mapped[(1, 0)] = ("other", buf)
+    with pytest.raises(RuntimeError, match="never received"):
+        pickle.loads(pickle.dumps(stale)).materialize()
+    ring.reset(1)
+    assert ring.state.numpy().tolist() == [[0, 0], [0, 0]]
+    del owner  # the loader gone: tokens of its ring can no longer be read here
+    with pytest.raises(RuntimeError, match="process that owns"):
+        pickle.loads(pickle.dumps(ring.token(1, 0, (1, 2, 2), torch.uint16, "x"))).materialize()
+
+
 def test_torch_iterable_batches_workers_and_floats(uint16_ds):
     import torch
 

@@ -254,3 +254,15 @@ def test_writer_killed_mid_shard(where, tmp_path, request):
     )
     m = read_manifest(url)
     assert sorted(m) == ["s0000", "s0001"] and verify_shard(store, entry, checksums=True)
+
+
+def test_s3_store_filesystem_keeps_its_bounded_retries_when_pickled(s3_server):
+    """The store's filesystem travels to Ray and DataLoader workers by pickle: its retry bound travels with it."""
+    import pickle
+
+    import s3fs
+
+    fs = open_store(f"{s3_server.url}/runs/pickled", probe=False).fs
+    clone = pickle.loads(pickle.dumps(fs))
+    assert fs.retries == clone.retries == 2 < s3fs.S3FileSystem.retries
+    assert clone.client_kwargs == fs.client_kwargs

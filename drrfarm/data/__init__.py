@@ -62,8 +62,9 @@ Modules, by job: :mod:`drrfarm.data.columns` (the row layout and its decoding), 
 few requests: one GET per file or row group on an object store), :mod:`drrfarm.data.shards` (read tasks and their
 reader), :mod:`drrfarm.data.raydata` (:func:`read_drrs`, :func:`split_by_volume`; the Ray Datasource is in
 :mod:`drrfarm.data.datasource`), :mod:`drrfarm.data.index` (rows, metadata and row-group reads without Ray;
-:func:`read_metadata`) and :mod:`drrfarm.data.torch_datasets` (the PyTorch datasets). Everything public is
-importable from ``drrfarm.data``.
+:func:`read_metadata`), :mod:`drrfarm.data.torch_datasets` (the PyTorch datasets) and
+:mod:`drrfarm.data.batch_slots` (reusable shared-memory slots between DataLoader workers and the training
+process). Everything public is importable from ``drrfarm.data``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ workers that only decode never import torch.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
+from drrfarm.data.batch_slots import SlotRing, materialize_batch
 from drrfarm.data.columns import IMAGE, decode_pixel_column
 from drrfarm.data.filters import FilterSpec
 from drrfarm.data.index import DrrIndex
@@ -57,11 +59,14 @@ def _meta_to_torch(values: np.ndarray) -> Any:
 class _TorchBatcher:
     """Fills batches of a torch dataset row by row: each image decoded straight into the batch tensor (no per-row
     arrays, no collate copy), float line integrals multiplied on the way; a batch ends at ``batch_size`` rows or
-    where the image shape/dtype changes (datasets mixing sweeps)."""
+    where the image shape/dtype changes (datasets mixing sweeps). With a ``ring`` (in a loader's worker
+    ``worker``), batches are written into its reusable slots and their images handed on as slot tokens."""
 
-    def __init__(self, index: DrrIndex, batch_size: int) -> None:
+    def __init__(self, index: DrrIndex, batch_size: int, ring: SlotRing | None = None, worker: int = 0) -> None:
         self.index = index
         self.batch_size = int(batch_size)
+        self.ring, self.worker = ring, worker
+        self.slot: tuple[int, str | None] | None = None
         self.tensor: Any = None
         self.view: np.ndarray | None = None
         self.key: tuple[int, int, str] | None = None
@@ -90,7 +95,7 @@ class _TorchBatcher:
                 yield self.finish()
             if self.tensor is None:
                 self.key = key
-                self.tensor = _batch_tensor((self.batch_size, key[0], key[1]), _torch_dtype(key[2], flt))
+                self.tensor = self._new_batch((self.batch_size, key[0], key[1]), _torch_dtype(key[2], flt))
                 self.view = self.tensor.numpy()
             k = len(self.rows)
             stored = np.dtype(IMAGE_DTYPES[key[2]])
@@ -108,11 +113,26 @@ class _TorchBatcher:
             if len(self.rows) == self.batch_size:
                 yield self.finish()
 
+    def _new_batch(self, shape: tuple[int, int, int], dtype: Any) -> Any:
+        if self.ring is None:
+            return _batch_tensor(shape, dtype)
+        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        slot, buffer, new = self.ring.acquire(self.worker, nbytes)
+        self.slot = (slot, new)
+        return buffer[:nbytes].view(dtype).view(shape)
+
     def finish(self) -> dict[str, Any]:
-        """The batch collected so far (``image`` (b, H, W), metadata columns as tensors / lists of str)."""
+        """The batch collected so far (``image`` (b, H, W), metadata columns as tensors / lists of str; with a
+        ring, ``image`` is the slot's token)."""
         b = len(self.rows)
         idx = np.asarray(self.rows, np.int64)
-        out: dict[str, Any] = {IMAGE: self.tensor[:b] if b < self.batch_size else self.tensor}
+        if self.ring is not None and self.slot is not None:
+            image: Any = self.ring.token(self.worker, self.slot[0], (b, *self.tensor.shape[1:]), self.tensor.dtype,
+                                         self.slot[1])
+            self.slot = None
+        else:
+            image = self.tensor[:b] if b < self.batch_size else self.tensor
+        out: dict[str, Any] = {IMAGE: image}
         for c, arr in self.index.meta.items():
             out[c] = _meta_to_torch(arr[idx])
         for c, parts in self.pixels.items():
@@ -125,6 +145,15 @@ class _TorchBatcher:
     def pending(self) -> int:
         return len(self.rows)
 
+
+
+class SlotLoader(torch.utils.data.DataLoader):
+    """The DataLoader of :meth:`DrrIterableDataset.loader` when batches come in reusable slots: images the pin
+    thread has not already copied out of their slot are copied out here, so every batch holds plain tensors."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        for batch in super().__iter__():
+            yield materialize_batch(batch)
 
 
 class DrrTorchDataset(Dataset):
@@ -254,6 +283,7 @@ class DrrIterableDataset(IterableDataset):
         self.world_size = world_size
         self.batch_size = None if batch_size is None else int(batch_size)
         self.drop_last = bool(drop_last)
+        self._ring: SlotRing | None = None  # set on the copy a loader() hands to its workers
 
     @property
     def epoch(self) -> int:
@@ -271,9 +301,15 @@ class DrrIterableDataset(IterableDataset):
         return self.index.n
 
     def loader(self, num_workers: int | None = None, *, pin_memory: bool | None = None,
-               prefetch_factor: int = 4, **kwargs: Any) -> torch.utils.data.DataLoader:
+               prefetch_factor: int = 4, reuse_shared_memory: bool = True,
+               **kwargs: Any) -> torch.utils.data.DataLoader:
         """A DataLoader serving this dataset's batches (needs ``batch_size``): ``num_workers`` defaults to the
-        CPUs this process may use, at most one per row group; ``pin_memory`` to whether CUDA is available."""
+        CPUs this process may use, at most one per row group; ``pin_memory`` to whether CUDA is available.
+
+        With workers, ``reuse_shared_memory`` and no ``transform``, each worker decodes its batches into a few
+        shared-memory slots that stay mapped (:mod:`drrfarm.data.batch_slots`), and the images are copied out of
+        them in the training process (into pinned memory with ``pin_memory``), instead of every batch going
+        through fresh shared memory; the batches are the same."""
         if self.batch_size is None:
             raise ValueError("loader() serves ready batches: construct the dataset with batch_size=...")
         if num_workers is None:
@@ -283,8 +319,15 @@ class DrrIterableDataset(IterableDataset):
             pin_memory = torch.cuda.is_available()
         extra = {"prefetch_factor": prefetch_factor, "persistent_workers": kwargs.pop("persistent_workers", True)} \
             if num_workers > 0 else {}
-        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                           **extra, **kwargs)
+        if num_workers == 0 or not reuse_shared_memory or self.transform is not None:
+            return torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers,
+                                               pin_memory=pin_memory, **extra, **kwargs)
+        served = copy.copy(self)
+        served._ring = SlotRing(num_workers, prefetch_factor + 1)
+        loader = SlotLoader(served, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **extra,
+                            **kwargs)
+        served._ring.register(loader)
+        return loader
 
     def _place(self) -> tuple[int, int]:
         """(slot of this worker, number of slots) over ranks x DataLoader workers."""
@@ -330,7 +373,11 @@ class DrrIterableDataset(IterableDataset):
                 yield self.transform(row) if self.transform is not None else row
 
     def _batches(self) -> Iterator[dict[str, Any]]:
-        batcher = _TorchBatcher(self.index, int(self.batch_size or 1))
+        info = torch.utils.data.get_worker_info()
+        ring = self._ring if info is not None and self.transform is None else None
+        if ring is not None:
+            ring.reset(info.id)  # the loader drained the last epoch's batches before this one began
+        batcher = _TorchBatcher(self.index, int(self.batch_size or 1), ring, info.id if ring is not None else 0)
         for gi, ks in self._my_units():
             g = self.index.groups[gi]
             for batch in batcher.add_table(self.index.read_group(g), g.rows[ks], g.first + ks):

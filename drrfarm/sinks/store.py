@@ -446,7 +446,7 @@ def _unpickle_store(url: str, retry: RetryPolicy) -> Store:
 def _s3_filesystem() -> Any:
     """s3fs filesystem configured only from the AWS environment/config chain."""
     try:
-        import s3fs
+        from drrfarm.sinks.s3_filesystem import BoundedRetryS3FileSystem
     except ImportError as exc:  # pragma: no cover - s3fs is a dependency
         raise StorageError("s3:// output needs the 's3fs' package (pip install s3fs)") from exc
     client_kwargs: dict[str, Any] = {}
@@ -460,11 +460,8 @@ def _s3_filesystem() -> Any:
         "connect_timeout": 10,
         "read_timeout": 120,
     }
-    fs = s3fs.S3FileSystem(
-        client_kwargs=client_kwargs, config_kwargs=config_kwargs, skip_instance_cache=True
-    )
-    fs.retries = 2  # s3fs's internal retry loop for its own retryable errors
-    return fs
+    return BoundedRetryS3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs,
+                                    skip_instance_cache=True)
 
 
 def _split_url(url: str) -> tuple[str, str]:
