@@ -247,9 +247,9 @@ class DrrIterableDataset(IterableDataset):
 
     Items: with ``batch_size`` None, one dict per row, as :class:`DrrTorchDataset`'s (batch them with the
     DataLoader's ``batch_size``); with ``batch_size``, ready batches -- ``image`` (B, H, W) decoded straight
-    into the batch tensor (in shared memory in a worker, so nothing is copied on the way to the main
-    process), metadata as tensors and strings as lists, like ``default_collate`` would make them, at a
-    fraction of its cost. Use those with ``DataLoader(ds, batch_size=None, ...)`` or :meth:`loader`; the
+    into the batch tensor (in shared memory in a worker; :meth:`loader` reuses that memory batch after batch),
+    metadata as tensors and strings as lists, like ``default_collate`` would make them, at a fraction of its
+    cost. Use those with :meth:`loader` or ``DataLoader(ds, batch_size=None, ...)``; the
     last batch of each worker may be short (``drop_last`` drops it), and ``transform`` gets whole batches.
     """
 
