@@ -83,7 +83,7 @@ class Physics:
     method: str = "trilinear"  # "trilinear" (uniform march) or "joseph" (slice stepping)
     scatter: str = "none"  # "none", "fast" (few histories, forced detection) or "monte_carlo" (drrfarm.scatter)
     scatter_photons: int | None = None  # Monte Carlo histories per image; None: the mode's default
-    scatter_bins: int = 64  # longest side of the scatter tally grid (monte_carlo; fast uses 32)
+    scatter_bins: int = 64  # longest side of the scatter tally grid (monte_carlo; fast uses 8)
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:

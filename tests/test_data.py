@@ -634,7 +634,7 @@ def test_slot_ring_reuses_grows_and_frees_slots():
 
     ring = SlotRing(workers=2, slots=2)
     slot, buf, new = ring.acquire(1, 100)
-    assert (slot, new is not None, buf.numel()) == (0, True, 100) and ring.state.numpy().tolist() == [[0, 0], [1, 0]]
+    assert (slot, new, buf.numel()) == (0, True, 100) and ring.state.numpy().tolist() == [[0, 0], [1, 0]]
     buf[:8].view(torch.uint16).copy_(torch.arange(4, dtype=torch.int32).to(torch.uint16))
     tok = ring.token(1, slot, (1, 2, 2), torch.uint16, new)
     with pytest.raises(RuntimeError, match="process that owns"):
@@ -645,14 +645,14 @@ def test_slot_ring_reuses_grows_and_frees_slots():
     batch = materialize_batch({"image": arrived, "seed": [3]})
     assert batch["image"].tolist() == [[[0, 1], [2, 3]]] and ring.state.numpy()[1].tolist() == [0, 0]
     again = ring.acquire(1, 64)  # the free slot 0 again, big enough: no new buffer
-    assert again[0] == 0 and again[2] is None and again[1].data_ptr() == buf.data_ptr()
+    assert again[0] == 0 and again[2] is False and again[1].data_ptr() == buf.data_ptr()
     bigger = ring.acquire(1, 400)  # slot 0 taken: slot 1, a new buffer
-    assert bigger[0] == 1 and bigger[2] is not None and ring.allocations == 2
+    assert bigger[0] == 1 and bigger[2] is True and ring.allocations == 2
     dropped = pickle.loads(pickle.dumps(ring.token(1, 1, (1, 10, 10), torch.uint16, bigger[2])))
     assert ring.state.numpy()[1, 1] == 1
     del dropped  # dropped unread: its slot is free again
     assert ring.state.numpy()[1, 1] == 0
-    stale = ring.token(1, 0, (1, 2, 2), torch.uint16, None)
+    stale = ring.token(1, 0, (1, 2, 2), torch.uint16, False)
     ring._mapped[(1, 0)] = ("other", buf)
     with pytest.raises(RuntimeError, match="never received"):
         pickle.loads(pickle.dumps(stale)).materialize()
@@ -660,7 +660,7 @@ def test_slot_ring_reuses_grows_and_frees_slots():
     assert ring.state.numpy().tolist() == [[0, 0], [0, 0]]
     del owner  # the loader gone: tokens of its ring can no longer be read here
     with pytest.raises(RuntimeError, match="process that owns"):
-        pickle.loads(pickle.dumps(ring.token(1, 0, (1, 2, 2), torch.uint16, "x"))).materialize()
+        pickle.loads(pickle.dumps(ring.token(1, 0, (1, 2, 2), torch.uint16, True))).materialize()
 
 
 def test_torch_iterable_batches_workers_and_floats(uint16_ds):

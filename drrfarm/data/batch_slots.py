@@ -77,10 +77,11 @@ class SlotRing:
         weakref.finalize(owner, _RINGS.pop, self.ring_id, None)
         return self
 
-    def _buffer(self, worker: int, slot: int, generation: str, buffer: Any) -> Any:
-        if buffer is not None:
-            self._mapped[(worker, slot)] = (generation, buffer)
-            return buffer
+    def _remember(self, worker: int, slot: int, generation: str, buffer: Any) -> None:
+        """Keeps the mapping of a slot's buffer, received with the first token that used it."""
+        self._mapped[(worker, slot)] = (generation, buffer)
+
+    def _mapped_buffer(self, worker: int, slot: int, generation: str) -> Any:
         known = self._mapped.get((worker, slot))
         if known is None or known[0] != generation:
             raise RuntimeError(f"batch slot {worker}/{slot} ({generation}) of ring {self.ring_id} was never "
@@ -96,9 +97,9 @@ class SlotRing:
         """Frees all of ``worker``'s slots: called by the worker when it starts an epoch."""
         self.state.numpy()[worker, :] = FREE
 
-    def acquire(self, worker: int, nbytes: int, poll_s: float = 2e-4) -> tuple[int, Any, str | None]:
+    def acquire(self, worker: int, nbytes: int, poll_s: float = 2e-4) -> tuple[int, Any, bool]:
         """Waits for a free slot of ``worker`` and takes it: (slot, its uint8 buffer of at least ``nbytes``,
-        the buffer's generation when the main process has not seen it yet, else None)."""
+        whether that buffer is new, i.e. not yet seen by the main process)."""
         flags = self.state.numpy()[worker]
         parent, waited = os.getppid(), 0.0
         while True:
@@ -116,18 +117,18 @@ class SlotRing:
         flags[slot] = WRITTEN
         have = self._mine.get(slot)
         if have is not None and have.buffer.numel() >= nbytes:
-            return slot, have.buffer, None
+            return slot, have.buffer, False
         buffer = torch.empty(0, dtype=torch.uint8)
         buffer = buffer.new(buffer._typed_storage()._new_shared(int(nbytes), device="cpu"))
         self._mine[slot] = _Slot(buffer, uuid.uuid4().hex)
         self.allocations += 1
-        return slot, buffer, self._mine[slot].generation
+        return slot, buffer, True
 
-    def token(self, worker: int, slot: int, shape: tuple[int, ...], dtype: Any, new: str | None) -> SlotImages:
-        """The token for a batch of ``shape`` written into ``slot``: it carries the buffer only the first time."""
+    def token(self, worker: int, slot: int, shape: tuple[int, ...], dtype: Any, new: bool) -> SlotImages:
+        """The token for a batch of ``shape`` written into ``slot``: it carries the buffer only when ``new``."""
         mine = self._mine[slot]
         return SlotImages(self.ring_id, worker, slot, tuple(int(s) for s in shape), dtype, mine.generation,
-                          mine.buffer if new is not None else None)
+                          mine.buffer if new else None)
 
 
 class SlotImages:
@@ -158,13 +159,12 @@ class SlotImages:
         if ring is None:
             raise RuntimeError("batch slot images can only be read in the process that owns their loader")
         try:
-            buffer = ring._buffer(self.worker, self.slot, self.generation, self.buffer)
-            n = int(np.prod(self.shape)) * torch.empty(0, dtype=self.dtype).element_size()
+            buffer = ring._mapped_buffer(self.worker, self.slot, self.generation)
+            n = int(np.prod(self.shape)) * self.dtype.itemsize
             out = torch.empty(self.shape, dtype=self.dtype, pin_memory=pin)
             out.copy_(buffer[:n].view(self.dtype).view(self.shape))
             return out
         finally:
-            self.buffer = None
             ring.release(self.worker, self.slot)
             self._ring = None
 
@@ -185,7 +185,7 @@ def _arrive(ring_id: str, worker: int, slot: int, shape: tuple[int, ...], dtype:
     if ring is not None:
         tok._ring = ring
         if buffer is not None:
-            ring._buffer(worker, slot, generation, buffer)
+            ring._remember(worker, slot, generation, buffer)
     return tok
 
 

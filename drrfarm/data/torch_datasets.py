@@ -66,7 +66,7 @@ class _TorchBatcher:
         self.index = index
         self.batch_size = int(batch_size)
         self.ring, self.worker = ring, worker
-        self.slot: tuple[int, str | None] | None = None
+        self.slot: tuple[int, bool] | None = None  # with a ring: (slot, its buffer is new)
         self.tensor: Any = None
         self.view: np.ndarray | None = None
         self.key: tuple[int, int, str] | None = None
@@ -116,7 +116,7 @@ class _TorchBatcher:
     def _new_batch(self, shape: tuple[int, int, int], dtype: Any) -> Any:
         if self.ring is None:
             return _batch_tensor(shape, dtype)
-        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = int(np.prod(shape)) * dtype.itemsize
         slot, buffer, new = self.ring.acquire(self.worker, nbytes)
         self.slot = (slot, new)
         return buffer[:nbytes].view(dtype).view(shape)

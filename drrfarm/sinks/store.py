@@ -193,7 +193,6 @@ def _describe(exc: BaseException) -> str:
 # -------------------------------------------------------------------------------------------- store
 
 
-
 def _listing_version(info: Mapping[str, Any]) -> tuple[Any, ...]:
     """An object's version as its listing tells it: the ETag, else size, mtime and inode; () if neither."""
     if info.get("ETag"):
@@ -201,6 +200,7 @@ def _listing_version(info: Mapping[str, Any]) -> tuple[Any, ...]:
     if info.get("mtime") is not None:
         return ("mtime", float(info["mtime"]), info.get("size"), info.get("ino"))
     return ()
+
 
 class Store:
     """A dataset root on some fsspec filesystem. Create with :func:`open_store`.
